@@ -1,0 +1,156 @@
+"""From examples to token ids and batches, for causal (decoder-only) and seq2seq models.
+
+Prompt format, causal LMs (``prompt_format="plain"``, the default):
+
+    tokens = tokenize(input)  +  tokenize(" " + output)  +  [eos]
+             '---- prompt ---'    '--------- answer (the only tokens with a loss) ---------'
+
+The ``input`` field is used verbatim as the prompt (it already holds the instruction, the options
+and ``Answer:``); the answer is the gold ``output`` preceded by one space and followed by the
+tokenizer's EOS token. Prompt and answer are tokenized separately and concatenated, so the model
+sees at training time exactly the prompt tokens it is given at generation time. Labels are -100
+on the prompt (and on padding): the loss covers only the answer tokens.
+
+``prompt_format="chat"`` wraps ``input`` as a single user turn with the tokenizer's chat template
+(``add_generation_prompt=True``) and trains on ``output`` + EOS; for instruction-tuned models.
+
+Seq2seq models (T5): the encoder reads ``input`` verbatim; the labels are ``output`` + EOS.
+
+Truncation: a prompt longer than its budget loses tokens from the middle: the head (instruction,
+options, start of the text) and the last ``TAIL_TOKENS`` tokens (the end of the text and
+``Answer:``) are kept. Answers are cut at ``max_target_tokens``.
+
+Batches: causal batches are left-padded (all answers end at the last position, so the LM head
+only has to run on the last positions); seq2seq batches are right-padded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .olora import Example
+
+TAIL_TOKENS = 12
+IGNORE_INDEX = -100
+
+
+def truncate_middle(ids: list[int], budget: int, tail: int = TAIL_TOKENS) -> list[int]:
+    """Keep the first ``budget - tail`` and the last ``tail`` ids when ``ids`` is too long."""
+    if len(ids) <= budget:
+        return ids
+    tail = min(tail, budget // 2)
+    return ids[: budget - tail] + (ids[-tail:] if tail else [])
+
+
+@dataclass
+class Encoded:
+    """One example as token ids. Causal: ``input_ids`` = prompt + answer and ``answer_len``
+    trailing tokens carry the loss. Seq2seq: ``input_ids`` = encoder input, ``labels`` = target."""
+
+    input_ids: list[int]
+    answer_len: int = 0
+    labels: list[int] | None = None
+
+
+class Formatter:
+    """Turns examples into model inputs for one tokenizer and model kind (``causal``/``seq2seq``)."""
+
+    def __init__(self, tokenizer, kind: str, max_input_tokens: int = 1024, max_target_tokens: int = 128,
+                 prompt_format: str = "plain"):
+        if kind not in ("causal", "seq2seq"):
+            raise ValueError(f"unknown model kind {kind!r}")
+        if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
+            from ..errors import ConfigError
+
+            raise ConfigError("prompt_format: 'chat' needs a tokenizer with a chat template; this one has none")
+        self.tokenizer = tokenizer
+        self.kind = kind
+        self.max_input_tokens = max_input_tokens
+        self.max_target_tokens = max_target_tokens
+        self.prompt_format = prompt_format
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._cache: dict[tuple[str, str], Encoded] = {}
+
+    # -- token ids -------------------------------------------------------------------------
+    def prompt_ids(self, text: str) -> list[int]:
+        if self.kind == "causal" and self.prompt_format == "chat":
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        else:
+            ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return truncate_middle(list(ids), self.max_input_tokens)
+
+    def answer_ids(self, output: str) -> list[int]:
+        """Target tokens: the answer text and EOS (always kept, even when the text is cut)."""
+        text = output
+        if self.kind == "causal" and self.prompt_format == "plain":
+            text = " " + output
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return list(ids)[: self.max_target_tokens - 1] + [self.eos_id]
+
+    def encode(self, ex: Example) -> Encoded:
+        key = (ex.input, ex.output)
+        enc = self._cache.get(key)
+        if enc is None:
+            prompt, answer = self.prompt_ids(ex.input), self.answer_ids(ex.output)
+            if self.kind == "causal":
+                enc = Encoded(input_ids=prompt + answer, answer_len=len(answer))
+            else:
+                enc = Encoded(input_ids=prompt, labels=answer)
+            self._cache[key] = enc
+        return enc
+
+    def max_new_tokens(self, outputs: Sequence[str]) -> int:
+        """Enough new tokens for the longest of these answers, EOS included."""
+        return max(len(self.answer_ids(o)) for o in outputs)
+
+    # -- batches ---------------------------------------------------------------------------
+    def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        """A padded training batch with labels (-100 outside the answers)."""
+        encs = [self.encode(e) for e in examples]
+        if self.kind == "causal":
+            width = max(len(e.input_ids) for e in encs)
+            ids = torch.full((len(encs), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(encs), width), dtype=torch.long)
+            labels = torch.full((len(encs), width), IGNORE_INDEX, dtype=torch.long)
+            for row, e in enumerate(encs):
+                n = len(e.input_ids)
+                ids[row, width - n:] = torch.tensor(e.input_ids)
+                mask[row, width - n:] = 1
+                labels[row, width - e.answer_len:] = ids[row, width - e.answer_len:]
+            return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+                    "answer_width": torch.tensor(max(e.answer_len for e in encs))}
+        width = max(len(e.input_ids) for e in encs)
+        twidth = max(len(e.labels) for e in encs)
+        ids = torch.full((len(encs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(encs), width), dtype=torch.long)
+        labels = torch.full((len(encs), twidth), IGNORE_INDEX, dtype=torch.long)
+        for row, e in enumerate(encs):
+            ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            mask[row, : len(e.input_ids)] = 1
+            labels[row, : len(e.labels)] = torch.tensor(e.labels)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def collate_prompts(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        """A padded batch of prompts for generation (left padding for causal models)."""
+        prompts = [self.prompt_ids(e.input) for e in examples]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            if self.kind == "causal":
+                ids[row, width - len(p):] = torch.tensor(p)
+                mask[row, width - len(p):] = 1
+            else:
+                ids[row, : len(p)] = torch.tensor(p)
+                mask[row, : len(p)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def length(self, ex: Example) -> int:
+        enc = self.encode(ex)
+        return len(enc.input_ids) + (len(enc.labels) if enc.labels else 0)

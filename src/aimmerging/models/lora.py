@@ -1,0 +1,91 @@
+"""LoRA adapters through PEFT, and the few tensor operations the methods need on them.
+
+The trainable parameters of a run are exactly the LoRA matrices (every parameter whose name
+contains ``lora_``); the base model is frozen. Methods read and write them as a list of tensors
+in a fixed order (``lora_parameters``), which is also the order of every snapshot.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+
+def attach_lora(model, kind: str, r: int = 8, alpha: int = 32, dropout: float = 0.05,
+                target_modules: list[str] | None = None):
+    """Wrap ``model`` in a PEFT LoRA model. ``target_modules=None`` uses PEFT's per-architecture
+    default (``q``/``v`` for T5, ``q_proj``/``v_proj`` for Llama-like models, ...)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules=target_modules,
+                        task_type=TaskType.SEQ_2_SEQ_LM if kind == "seq2seq" else TaskType.CAUSAL_LM)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        msg = str(e).splitlines()[0]
+        raise UserError(f"cannot attach LoRA to model type '{model.config.model_type}': {msg}; "
+                        "pass --lora-targets with the names of its attention projections") from None
+
+
+def lora_parameters(model) -> list[torch.nn.Parameter]:
+    params = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+    if not params:
+        raise RuntimeError("the model has no trainable LoRA parameters")
+    return params
+
+
+@torch.no_grad()
+def snapshot(params) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+@torch.no_grad()
+def restore(params, values) -> None:
+    for p, v in zip(params, values):
+        p.copy_(v)
+
+
+@torch.no_grad()
+def l1_distance(params, reference) -> float:
+    """Sum over all entries of |params - reference| (the learning signal's numerator)."""
+    return float(sum((p - r).abs().sum(dtype=torch.float64) for p, r in zip(params, reference)))
+
+
+@torch.no_grad()
+def all_finite(params) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in params)
+
+
+@torch.no_grad()
+def fuse(params, anchor, theta_k, w_in: float, w_out: float) -> None:
+    """AIMMerging fusion, in place: theta <- anchor + w_in * (theta_k - anchor) + w_out * (theta - theta_k).
+
+    ``theta_k`` is the adapter before the replay steps (so theta_k - anchor is the new-task update
+    Delta_in) and the current ``params`` are the adapter after them (theta - theta_k = Delta_out).
+    """
+    for p, a, k in zip(params, anchor, theta_k):
+        delta_out = p - k
+        p.copy_(a + w_in * (k - a) + w_out * delta_out)
+
+
+def save_adapter(model, directory: str | os.PathLike) -> None:
+    """Save in PEFT format: loadable with ``PeftModel.from_pretrained(base, directory)``."""
+    model.save_pretrained(str(directory))
+
+
+def load_adapter_weights(model, directory: str | os.PathLike) -> None:
+    """Load adapter weights saved by ``save_adapter`` into an already wrapped model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(directory) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise UserError(f"{directory}: no adapter_model.safetensors (not a finished adapter)")
+    result = set_peft_model_state_dict(model, load_file(str(path)))
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if missing:
+        raise UserError(f"{directory}: adapter does not match the model ({missing[0]} ...)")

@@ -1,0 +1,243 @@
+"""Run a method through a task stream: the outer loop over stages, evaluation, saving, resume.
+
+Run directory layout::
+
+    RUN_DIR/config.yaml               fully resolved config (written first)
+    RUN_DIR/stages/00-<task>/         one committed directory per finished stage:
+        adapter/                      the adapter after the stage, PEFT format
+        predictions/<task>.jsonl      {id, gold, prediction, score} per test example
+        trace.jsonl                   per-step and per-merge records of the stage
+        scores.json                   the stage's row of the accuracy matrix, timings (written last)
+    RUN_DIR/stages/zero-shot/         (--zero-shot) the base model's scores
+    RUN_DIR/trace.jsonl               all stage traces, in order
+    RUN_DIR/results.json              matrix, metrics, timings; "complete": false until the end
+    RUN_DIR/summary.md                the markdown table printed at the end
+
+A stage is trained and evaluated in ``stages/.tmp-<name>/`` and renamed into place only when
+everything in it is written, so a run killed at any moment resumes at its first unfinished stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig, load_yaml
+from ..data.benchmarks import resolve_tasks
+from ..data.formatting import Formatter
+from ..data.sampling import build_memory
+from ..data.stream import DEV_IS_TEST, TaskData, load_stream, validation_set
+from ..errors import ConfigError
+from ..evaluation.generate import generate_predictions
+from ..evaluation.scoring import SCORERS
+from ..io import atomic_write_json, atomic_write_jsonl, atomic_write_text, atomic_write_yaml, commit_dir, read_json, read_jsonl
+from ..methods import get_method
+from ..models.lora import attach_lora, load_adapter_weights, lora_parameters, restore, snapshot
+from ..models.loading import load_base_model
+from ..reporting.results import build_results, load_reference, summary_markdown
+from .engine import Engine, Timers
+from .loop import Stage, train_stage
+
+log = logging.getLogger("aimmerging")
+
+
+def plan_stages(method, tasks: list[str], scope: str) -> list[Stage]:
+    """The stages of a run and the tasks evaluated after each (its row of the matrix)."""
+    T = len(tasks)
+    if method.joint:
+        return [Stage(0, "all", list(tasks), row=T - 1, eval_tasks=list(tasks))]
+    stages = []
+    for i, task in enumerate(tasks):
+        if scope == "all":
+            evals = tasks[: i + 1]
+        elif method.fresh_adapter_per_task or i < T - 1:
+            evals = [task]  # the diagonal (BWT, FWT) ...
+        else:
+            evals = list(tasks)  # ... and the last row (OP, BWT)
+        stages.append(Stage(i, task, [task], row=i, eval_tasks=list(evals)))
+    return stages
+
+
+def prepare_run_dir(cfg: RunConfig, is_main: bool) -> Path:
+    """Create the run directory or check that an existing one belongs to this config."""
+    run_dir = cfg.run_dir
+    config_file = run_dir / "config.yaml"
+    if config_file.is_file():
+        old = load_yaml(config_file)
+        new = cfg.fingerprint()
+        differ = sorted(k for k in new if old.get(k) != new[k])
+        if differ:
+            if not cfg.overwrite:
+                raise ConfigError(f"{run_dir} holds a run with a different config (differs in: {', '.join(differ)}); "
+                                  "pass --overwrite to replace it or choose another --output-dir")
+            if is_main:
+                shutil.rmtree(run_dir)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"{run_dir} exists and is not an aimmerging run directory; choose another --output-dir")
+    if is_main:
+        (run_dir / "stages").mkdir(parents=True, exist_ok=True)
+        for tmp in (run_dir / "stages").glob(".tmp-*"):  # leftovers of a killed run
+            shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_yaml(config_file, cfg.to_dict())
+    return run_dir
+
+
+class Runner:
+    def __init__(self, cfg: RunConfig):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.is_main = self.accelerator.is_main_process
+        self.tasks = resolve_tasks(cfg.benchmark, cfg.order, cfg.tasks)
+        self.method = get_method(cfg.method)(cfg)
+        self.stream: dict[str, TaskData] = load_stream(cfg, self.tasks)
+        self._warn_dev_is_test()
+        self.reference = load_reference(cfg.fwt_reference, self.tasks) if cfg.fwt_reference else None
+        self.stages = plan_stages(self.method, self.tasks, cfg.eval_scope)
+        self.progress = cfg.progress
+
+    def _warn_dev_is_test(self) -> None:
+        overlap = DEV_IS_TEST & set(self.tasks)
+        if self.cfg.select_best_every and overlap:
+            log.warning("model selection reads the dev split, which is a copy of the test split for %s "
+                        "in the shared long-sequence data: their test scores are optimistic", ", ".join(sorted(overlap)))
+
+    # -- model -------------------------------------------------------------------------------------
+    def _build_engine(self) -> None:
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        model, tokenizer, kind = load_base_model(cfg.model, cfg.dtype)
+        model.config.use_cache = False
+        self.formatter = Formatter(tokenizer, kind, cfg.max_input_tokens, cfg.max_target_tokens, cfg.prompt_format)
+        set_seed(cfg.seed)
+        model = attach_lora(model, kind, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        self.initial_adapter = snapshot(lora_parameters(model))
+        model = self.accelerator.prepare(model)
+        self.engine = Engine(model, self.formatter, self.accelerator, micro_batch_size=cfg.micro_batch_size,
+                             max_grad_norm=cfg.max_grad_norm)
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def evaluate(self, tasks: list[str], out_dir: Path | None, label: str) -> dict[str, float]:
+        scores: dict[str, float] = {}
+        model = self.engine.peft_model
+        for task in tasks:
+            data = self.stream[task]
+            max_new = self.cfg.max_new_tokens or self.formatter.max_new_tokens(data.outputs)
+            preds = generate_predictions(model, self.formatter, data.test, batch_size=self.cfg.eval_batch_size,
+                                         max_new_tokens=max_new, accelerator=self.accelerator,
+                                         desc=f"{label} eval {task}", progress=self.progress)
+            scorer = SCORERS[data.metric]
+            per = [scorer(p, e.output) for p, e in zip(preds, data.test)]
+            scores[task] = sum(per) / len(per)
+            if out_dir is not None and self.is_main:
+                atomic_write_jsonl(out_dir / "predictions" / f"{task}.jsonl",
+                                   [{"id": e.id, "gold": e.output, "prediction": p, "score": s}
+                                    for e, p, s in zip(data.test, preds, per)])
+        return scores
+
+    # -- one stage -------------------------------------------------------------------------------------
+    def _stage_dir(self, name: str) -> Path:
+        return self.cfg.run_dir / "stages" / name
+
+    def _train_and_save(self, stage: Stage, current: int | None) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        params = self.engine.params
+        if self.method.fresh_adapter_per_task or stage.index == 0:
+            restore(params, self.initial_adapter)
+        elif current != stage.index - 1:
+            load_adapter_weights(self.engine.peft_model, self._stage_dir(self.stages[stage.index - 1].dirname) / "adapter")
+        earlier = self.tasks[: stage.index] if not self.method.joint else []
+        memory = (build_memory([self.stream[t].train for t in earlier], cfg.memory_ratio, cfg.seed, cfg.memory_cap_per_task)
+                  if self.method.uses_memory else [])
+        train = [e for t in stage.train_tasks for e in self.stream[t].train]
+        val = validation_set(self.stream, self.tasks[: stage.index + 1], cfg.val_per_task, cfg.seed) if cfg.select_best_every else None
+        tmp = self._stage_dir(f".tmp-{stage.dirname}")
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        timers, start = Timers(), time.perf_counter()
+        log.info("stage %d/%d: %s (%d training examples, memory %d)", stage.index + 1, len(self.stages),
+                 stage.name, len(train), len(memory))
+        report = train_stage(self.engine, cfg, stage, train, memory, self.method, timers, tmp / "trace.jsonl",
+                             val=val, progress=self.progress)
+        with timers.section("eval"):
+            scores = self.evaluate(stage.eval_tasks, tmp, f"[{stage.index + 1}]")
+        record = {"index": stage.index, "name": stage.name, "row": stage.row, "scores": scores, **report,
+                  "memory_size": len(memory), "timing": timers.as_dict(),
+                  "wall_s": round(time.perf_counter() - start, 3)}
+        if self.is_main:
+            self.engine.peft_model.save_pretrained(str(tmp / "adapter"))
+            atomic_write_json(tmp / "scores.json", record)  # last: its presence marks a finished stage
+            commit_dir(tmp, self._stage_dir(stage.dirname))
+        acc.wait_for_everyone()
+        return record
+
+    # -- the whole run ---------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        run_dir = prepare_run_dir(cfg, self.is_main)
+        self.accelerator.wait_for_everyone()
+        self._build_engine()
+        zero_shot = None
+        if cfg.zero_shot:
+            zdir = self._stage_dir("zero-shot")
+            if (zdir / "scores.json").is_file():
+                zero_shot = read_json(zdir / "scores.json")["scores"]
+            else:
+                restore(self.engine.params, self.initial_adapter)
+                tmp = self._stage_dir(".tmp-zero-shot")
+                zero_shot = self.evaluate(self.tasks, tmp, "[zero-shot]")
+                if self.is_main:
+                    atomic_write_json(tmp / "scores.json", {"scores": zero_shot})
+                    commit_dir(tmp, zdir)
+                self.accelerator.wait_for_everyone()
+        records: list[dict] = []
+        current: int | None = None
+        for stage in self.stages:
+            done = self._stage_dir(stage.dirname) / "scores.json"
+            if done.is_file():
+                log.info("stage %d/%d: %s already finished, skipped", stage.index + 1, len(self.stages), stage.name)
+                records.append(read_json(done))
+                continue
+            records.append(self._train_and_save(stage, current))
+            current = stage.index
+            self._write_results(records, zero_shot, complete=False)
+        results = self._write_results(records, zero_shot, complete=True)
+        return results
+
+    def _write_results(self, records: list[dict], zero_shot, complete: bool) -> dict:
+        cfg = self.cfg
+        rows = {r["row"]: r["scores"] for r in records}
+        stages = [{k: v for k, v in r.items() if k != "scores"} for r in records]
+        results = build_results(cfg_dict=cfg.to_dict(), tasks=self.tasks, rows=rows,
+                                task_metrics={t: d.metric for t, d in self.stream.items()},
+                                reference=self.reference, zero_shot=zero_shot, stages=stages,
+                                complete=complete, single=self.method.fresh_adapter_per_task)
+        results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        results["num_processes"] = self.accelerator.num_processes
+        if self.is_main:
+            run_dir = cfg.run_dir
+            if complete:
+                traces = []
+                for r in records:
+                    path = self._stage_dir(f"{r['index']:02d}-{r['name']}") / "trace.jsonl"
+                    if path.is_file():
+                        traces.extend(read_jsonl(path))
+                atomic_write_jsonl(run_dir / "trace.jsonl", traces)
+                atomic_write_text(run_dir / "summary.md", summary_markdown(results) + "\n")
+            atomic_write_json(run_dir / "results.json", results)
+        return results
+
+
+def run(cfg: RunConfig) -> dict:
+    return Runner(cfg).run()
