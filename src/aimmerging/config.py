@@ -11,6 +11,7 @@ process or on N.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import typing
@@ -256,8 +257,8 @@ def build_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str,
         for key, value in mapping.items():
             name = str(key).replace("-", "_")
             if name not in FIELDS:
-                close = [n for n in FIELDS if n.startswith(name[:4])]
-                hint = f" (did you mean {', '.join(close[:3])}?)" if close else ""
+                close = difflib.get_close_matches(name, FIELDS, n=3, cutoff=0.6)
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
                 raise ConfigError(f"{origin}: unknown option '{key}'{hint}")
             values[name] = coerce(name, value)
     return RunConfig(**values).validate()

@@ -9,6 +9,7 @@ from dataclasses import fields
 
 from ..controller import SCHEDULES, ControllerConfig
 from ..errors import UserError
+from ..io import read_trace
 
 CONTROLLER_FLAGS = {f.name for f in fields(ControllerConfig)}
 
@@ -28,30 +29,11 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_replay)
 
 
-def _read_trace(path: str) -> list[dict]:
-    records = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}: line {n}: not JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise UserError(f"{path}: line {n}: expected a JSON object")
-                records.append(rec)
-    except OSError as e:
-        raise UserError(f"{path}: cannot read trace: {e.strerror}") from None
-    return records
-
-
 def cmd_replay(args: argparse.Namespace) -> int:
     from ..config import coerce
     from ..controller import replay_records
 
-    records = _read_trace(args.trace)
+    records = read_trace(args.trace)
     tasks: dict[str, list[dict]] = {}
     settings: dict[str, dict] = {}
     for rec in records:

@@ -93,7 +93,9 @@ def _is_main_process() -> bool:
 
 def _setup_logging(verbose: bool) -> None:
     level = logging.INFO if _is_main_process() else logging.WARNING
-    logging.basicConfig(level=logging.DEBUG if verbose else level, format="[aimmerging] %(message)s", stream=sys.stderr)
+    level = logging.DEBUG if verbose else level
+    logging.basicConfig(level=level, format="[aimmerging] %(message)s", stream=sys.stderr)
+    logging.getLogger("aimmerging").setLevel(level)
     for noisy in ("transformers", "peft", "accelerate", "httpx", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

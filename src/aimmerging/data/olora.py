@@ -140,7 +140,7 @@ def validate_dir(data_dir: str | Path) -> tuple[dict[str, dict[str, SplitReport]
         train = report[task].get("train")
         for split in ("dev", "test"):
             other = report[task].get(split)
-            if train and other and len(train.labels) <= 50:
+            if train and other and 0 < len(train.labels) <= 50:
                 unseen = sorted(set(other.labels) - set(train.labels))
                 if unseen:
                     warnings.append(f"{task}: {split} labels never seen in train: {', '.join(map(repr, unseen))}")

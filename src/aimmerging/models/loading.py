@@ -133,7 +133,15 @@ def load_base_model(name: str, dtype: str = "float32"):
     if name in ("tiny-causal", "tiny-seq2seq"):
         model, tok = tiny_model(name)
         return model.to(DTYPES[dtype]), tok, model_kind(model.config)
-    path = str(smollm2_dir()) if name == "smollm2-135m" else name
+    if name == "smollm2-135m":
+        path = str(smollm2_dir())
+    elif name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name):
+        path = str(Path(name).expanduser())  # a local directory, not a hub id
+        if not (Path(path) / "config.json").is_file():
+            raise UserError(f"unknown model '{name}': not one of the aliases ({', '.join(ALIASES)}) "
+                            "and not a directory with a config.json")
+    else:
+        path = name  # a hub id: needs network access or the local Hugging Face cache
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     try:

@@ -63,23 +63,31 @@ def plan_stages(method, tasks: list[str], scope: str) -> list[Stage]:
     return stages
 
 
-def prepare_run_dir(cfg: RunConfig, is_main: bool) -> Path:
-    """Create the run directory or check that an existing one belongs to this config."""
+def check_run_dir(cfg: RunConfig) -> bool:
+    """Check that the run directory is new or belongs to this config. Returns True when an
+    existing run with another config is to be replaced (``--overwrite``). Writes nothing."""
     run_dir = cfg.run_dir
     config_file = run_dir / "config.yaml"
     if config_file.is_file():
         old = load_yaml(config_file)
         new = cfg.fingerprint()
         differ = sorted(k for k in new if old.get(k) != new[k])
-        if differ:
-            if not cfg.overwrite:
-                raise ConfigError(f"{run_dir} holds a run with a different config (differs in: {', '.join(differ)}); "
-                                  "pass --overwrite to replace it or choose another --output-dir")
-            if is_main:
-                shutil.rmtree(run_dir)
-    elif run_dir.exists() and any(run_dir.iterdir()):
+        if differ and not cfg.overwrite:
+            raise ConfigError(f"{run_dir} holds a run with a different config (differs in: {', '.join(differ)}); "
+                              "pass --overwrite to replace it or choose another --output-dir")
+        return bool(differ)
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise ConfigError(f"{run_dir} exists and is not an aimmerging run directory; choose another --output-dir")
+    return False
+
+
+def init_run_dir(cfg: RunConfig, replace: bool, is_main: bool) -> Path:
+    """Create (or replace) the run directory, write config.yaml, drop leftovers of a killed run."""
+    run_dir = cfg.run_dir
+    config_file = run_dir / "config.yaml"
     if is_main:
+        if replace:
+            shutil.rmtree(run_dir)
         (run_dir / "stages").mkdir(parents=True, exist_ok=True)
         for tmp in (run_dir / "stages").glob(".tmp-*"):  # leftovers of a killed run
             shutil.rmtree(tmp, ignore_errors=True)
@@ -185,9 +193,10 @@ class Runner:
     # -- the whole run ---------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
-        run_dir = prepare_run_dir(cfg, self.is_main)
-        self.accelerator.wait_for_everyone()
+        replace = check_run_dir(cfg)
         self._build_engine()
+        init_run_dir(cfg, replace, self.is_main)
+        self.accelerator.wait_for_everyone()
         zero_shot = None
         if cfg.zero_shot:
             zdir = self._stage_dir("zero-shot")
@@ -236,6 +245,10 @@ class Runner:
                 atomic_write_jsonl(run_dir / "trace.jsonl", traces)
                 atomic_write_text(run_dir / "summary.md", summary_markdown(results) + "\n")
             atomic_write_json(run_dir / "results.json", results)
+            if complete:
+                from ..reporting.plots import plot_run
+
+                plot_run(run_dir)
         return results
 
 
