@@ -102,6 +102,7 @@ class RunConfig:
     eval_batch_size: int = _f(16, "prompts per generation batch", "evaluation")
     max_new_tokens: Optional[int] = _f(None, "generation length (default: longest answer of the task's training set + EOS)", "evaluation")
     metric: Optional[dict] = _f(None, "per-task metric overrides: TASK=exact_match|rougeL,...", "evaluation")
+    eval_split: str = _f("test", "split scored after each task; 'dev' to choose settings without touching the test split", "evaluation", ("test", "dev"))
     eval_scope: str = _f("all", "after each task evaluate all seen tasks, or only what OP/BWT/FWT need", "evaluation", ("all", "needed"))
     zero_shot: bool = _f(False, "also evaluate the base model (no training) on every task first", "evaluation")
     fwt_reference: Optional[str] = _f(None, "results.json (or run dir) of a 'single' run: reference scores for FWT", "evaluation")

@@ -1,9 +1,10 @@
 """``aimmerging demo``: sequential fine-tuning and AIMMerging side by side on the built-in
 synthetic stream (see aimmerging.data.synthetic), with the default model.
 
-The settings are a CPU-sized version of the reference recipe: short tasks (24 steps of 4
-examples), a 10 % replay memory, and the reference controller with a first merge interval of 4
-steps and 4 replay steps per merge (the reference uses 8 and 8 for tasks ten times longer).
+The settings are a CPU-sized version of the reference recipe: short tasks (32 steps of 4
+examples), a 10 % replay memory (24 examples per earlier task) probed and replayed in batches of
+8, and the reference controller with a first merge interval of 4 steps and 4 replay steps per
+merge (the reference uses 8 and 8 for tasks ten times longer).
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from .reporting.results import summary_markdown
 
 DEMO_SETTINGS = {
     "benchmark": "synthetic",
-    "max_steps": 24,
+    "max_steps": 32,
     "batch_size": 4,
     "micro_batch_size": 4,
     "lr": 4e-3,
     "warmup_steps": 2,
-    "eval_cap": 30,
+    "eval_cap": 60,
     "memory_ratio": 10.0,
-    "memory_batch_size": 4,
+    "memory_batch_size": 8,
     "initial_interval": 4,
     "initial_outer_steps": 4,
 }

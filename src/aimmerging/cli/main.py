@@ -87,12 +87,26 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+_RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")  # torchrun, then MPI
+
+
+def _process_rank() -> int:
+    """This process's rank under torchrun / accelerate launch / mpirun, read from the environment
+    (before the process group exists); 0 for a single process."""
+    for name in _RANK_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.strip():
+            return int(value)
+    return 0
+
+
 def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") in ("0", "")
+    return _process_rank() == 0
 
 
 def _setup_logging(verbose: bool) -> None:
-    level = logging.INFO if _is_main_process() else logging.WARNING
+    # Under several processes only the main one logs (errors excepted), so nothing is printed twice.
+    level = logging.INFO if _is_main_process() else logging.ERROR
     level = logging.DEBUG if verbose else level
     logging.basicConfig(level=level, format="[aimmerging] %(message)s", stream=sys.stderr)
     logging.getLogger("aimmerging").setLevel(level)
@@ -100,6 +114,7 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", module=r"(transformers|peft|accelerate|torch)\b")
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")  # raised by peft, harmless
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -141,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"aimmerging: error: {e}", file=sys.stderr)
+        rank = _process_rank()  # every process raises it; the others say which they are
+        print(f"aimmerging: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -74,6 +74,7 @@ class Formatter:
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._cache: dict[tuple[str, str], Encoded] = {}
+        self.pad_to: int | None = None  # pad every training batch to this width (only for the throughput study)
 
     # -- token ids -------------------------------------------------------------------------
     def prompt_ids(self, text: str) -> list[int]:
@@ -114,7 +115,7 @@ class Formatter:
         """A padded training batch with labels (-100 outside the answers)."""
         encs = [self.encode(e) for e in examples]
         if self.kind == "causal":
-            width = max(len(e.input_ids) for e in encs)
+            width = max([len(e.input_ids) for e in encs] + [self.pad_to or 0])
             ids = torch.full((len(encs), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(encs), width), dtype=torch.long)
             labels = torch.full((len(encs), width), IGNORE_INDEX, dtype=torch.long)

@@ -42,7 +42,7 @@ def load_stream(cfg: RunConfig, tasks: list[str]) -> dict[str, TaskData]:
     stream: dict[str, TaskData] = {}
     for task in tasks:
         train_full = _split(cfg, task, "train")
-        test_full = _split(cfg, task, "test")
+        test_full = _split(cfg, task, cfg.eval_split)
         dev = _split(cfg, task, "dev") if cfg.select_best_every else None
         outputs = frozenset(e.output for e in train_full)
         metric = (cfg.metric or {}).get(task) or choose_metric(task, (e.output for e in train_full))

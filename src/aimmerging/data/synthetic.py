@@ -1,18 +1,17 @@
 """A small built-in task stream, generated in code (seeded), for the demo and for smoke runs.
 
-Three *synthetic* tasks built to interfere, the situation continual learning is about. Each task
-names a word from one of four categories (animal, plant, city, tool) and asks for the colour
-code that a *code table* gives to that category. The three tables (A, B, C) use the same four
-colours but assign them differently, and the prompt only says which table to use:
+Three *synthetic* tasks. Each names a word from one of three categories (animal, plant, city)
+and asks for the code that a *code table* (A, B or C) gives to that category; each table uses
+its own set of codes:
 
-    table A: animal=red    plant=green  city=blue   tool=yellow
-    table B: animal=green  plant=blue   city=yellow tool=red
-    table C: animal=blue   plant=yellow city=red    tool=green
+    table A: animal=red    plant=green  city=blue       (colours)
+    table B: animal=north  plant=south  city=east       (directions)
+    table C: animal=circle plant=square city=triangle   (shapes)
 
-Learning a table takes a few steps (the model already knows the categories; it has to learn the
-arbitrary colours). Fine-tuning on table B afterwards pushes the model to answer B's colours for
-table-A prompts too; keeping table A needs the model to attend to the table letter, which only a
-method that revisits old data (replay, AIMMerging) gives it a reason to do. Nothing is downloaded.
+Learning a table takes a few dozen steps (the model knows the categories; it has to learn the
+arbitrary codes). Fine-tuning on table B afterwards pulls the model towards B's codes for every
+prompt, table-A prompts included: the forgetting continual learning is about, as in the
+Standard CL benchmark where each task has its own label set. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -23,11 +22,10 @@ from .olora import Example
 
 TASKS = ("codes-a", "codes-b", "codes-c")
 SIZES = {"train": 240, "dev": 40, "test": 60}
-COLOURS = ("red", "green", "blue")
 TABLES = {
     "codes-a": {"animal": "red", "plant": "green", "city": "blue"},
-    "codes-b": {"animal": "green", "plant": "blue", "city": "red"},
-    "codes-c": {"animal": "blue", "plant": "red", "city": "green"},
+    "codes-b": {"animal": "north", "plant": "south", "city": "east"},
+    "codes-c": {"animal": "circle", "plant": "square", "city": "triangle"},
 }
 WORDS = {
     "animal": ["tiger", "rabbit", "eagle", "salmon", "horse", "wolf", "dolphin", "sparrow", "camel", "frog", "bear", "goat"],
@@ -40,7 +38,7 @@ def _example(task: str, rng: random.Random) -> tuple[str, str]:
     category = rng.choice(sorted(WORDS))
     word = rng.choice(WORDS[category])
     letter = task[-1].upper()
-    prompt = (f"Which colour does code table {letter} give to the word? Option: {', '.join(COLOURS)}.\n"
+    prompt = (f"Which code does code table {letter} give to the word?\n"
               f"Word: {word}\nAnswer:")
     return prompt, TABLES[task][category]
 

@@ -4,6 +4,11 @@ All example lists handed to the engine are *global* (identical on every process)
 shards them over the processes with accelerate and normalises every loss by the number of answer
 tokens of the whole global batch, so one process and N processes compute the same gradients and
 the same loss values (up to floating-point summation order).
+
+Every process runs the same sequence of forward passes and collectives: a process whose share
+of a small list is empty (fewer examples than processes) runs a forward pass on a stand-in
+example with every label masked, so it contributes exactly zero to the loss and the gradients
+while DDP (or FSDP) sees the same calls on every rank.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class Engine:
         self.params = lora_parameters(self.peft_model)
         forward = inspect.signature(self.peft_model.get_base_model().forward).parameters
         self._keep_logits = "logits_to_keep" in forward
+        self.full_logits = False  # compute the LM head on every position (only for the throughput study)
         self._position_ids = "position_ids" in forward
 
     # -- losses ------------------------------------------------------------------------------------
@@ -61,11 +67,13 @@ class Engine:
             return sum(e.answer_len for e in encs)
         return sum(len(e.labels) for e in encs)
 
-    def _local_loss_sum(self, examples: Sequence[Example]) -> torch.Tensor:
-        """Summed token cross-entropy of the answer tokens of ``examples`` (this process's share)."""
-        if not examples:  # this rank has no share of a small batch: a zero that still reaches every LoRA weight
-            return sum(p.sum() for p in self.params) * 0.0
+    def _local_loss_sum(self, examples: Sequence[Example], masked: bool = False) -> torch.Tensor:
+        """Summed token cross-entropy of the answer tokens of ``examples`` (this process's share).
+        ``masked``: every label ignored, so the loss and its gradient are exactly zero (the
+        stand-in forward pass of a process with an empty share)."""
         batch = {k: v.to(self.accelerator.device) for k, v in self.formatter.collate(examples).items()}
+        if masked:
+            batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
         with self.accelerator.autocast():
             if self.formatter.kind == "seq2seq":
                 logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -78,7 +86,7 @@ class Engine:
                 kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
                 if self._position_ids:
                     kwargs["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-                if self._keep_logits:
+                if self._keep_logits and not self.full_logits:
                     kwargs["logits_to_keep"] = k
                 logits = self.model(**kwargs).logits[:, -k:-1]
                 labels = batch["labels"][:, -(k - 1):]
@@ -91,11 +99,20 @@ class Engine:
         t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
         return float(self.accelerator.reduce(t, reduction="sum").item())
 
-    def _shard(self, examples: Sequence[Example]) -> list[Example]:
+    def _shard(self, examples: Sequence[Example]) -> tuple[list[Example], bool]:
+        """This process's share of ``examples`` and whether it is a masked stand-in: with fewer
+        examples than processes some shares are empty, and those processes still run a forward
+        (and backward) pass, on the first example with every label masked, so that the
+        collectives of DDP/FSDP stay matched on all processes."""
         if self.accelerator.num_processes == 1:
-            return list(examples)
+            return list(examples), False
         with self.accelerator.split_between_processes(list(examples)) as mine:
-            return list(mine)
+            mine = list(mine)
+        return (mine, False) if mine else (list(examples[:1]), True)
+
+    def _shard_loss_sum(self, examples: Sequence[Example]) -> torch.Tensor:
+        mine, masked = self._shard(examples)
+        return self._local_loss_sum(mine, masked=masked)
 
     def backward(self, examples: Sequence[Example], scale: float, sync: bool, total_tokens: int | None = None) -> float:
         """Backward of ``scale`` x (summed answer loss of ``examples``) / ``total_tokens`` (default:
@@ -103,7 +120,7 @@ class Engine:
         total = total_tokens or self.label_tokens(examples)
         ctx = nullcontext() if sync or self.accelerator.num_processes == 1 else self.accelerator.no_sync(self.model)
         with ctx:
-            loss_sum = self._local_loss_sum(self._shard(examples))
+            loss_sum = self._shard_loss_sum(examples)
             # DDP averages gradients over processes: multiply by their number to get the global sum.
             self.accelerator.backward(loss_sum * (scale * self.accelerator.num_processes / total))
         return float(loss_sum.detach())
@@ -116,7 +133,7 @@ class Engine:
         try:
             local = 0.0
             for k in range(0, len(examples), self.micro_batch_size):
-                local += float(self._local_loss_sum(self._shard(examples[k:k + self.micro_batch_size])))
+                local += float(self._shard_loss_sum(examples[k:k + self.micro_batch_size]))
         finally:
             self.model.train(was_training)
         return self._reduce(local) / max(1, self.label_tokens(examples))

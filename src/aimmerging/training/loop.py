@@ -74,7 +74,7 @@ class TaskSession:
     """What a method can see and use while one stage trains."""
 
     def __init__(self, engine: Engine, cfg: RunConfig, stage: Stage, train: list[Example], memory: list[Example],
-                 max_steps: int, optimizer, scheduler, timers: Timers, trace_file):
+                 max_steps: int, optimizer, scheduler, timers: Timers, trace_file, sink: list | None = None):
         self.engine, self.cfg, self.stage = engine, cfg, stage
         self.train, self.memory = train, memory
         self.max_steps, self.optimizer, self.scheduler = max_steps, optimizer, scheduler
@@ -83,6 +83,7 @@ class TaskSession:
         self.step = 0
         self.merges = 0
         self._trace_file = trace_file
+        self._sink = sink  # every emitted record is also appended here, on every process (debugging)
         seed = f"{cfg.seed}-{stage.index}"
         # independent random streams, identical on every process
         self.probe_rng = random.Random(f"probe-{seed}")
@@ -130,6 +131,8 @@ class TaskSession:
 
     def emit(self, record: dict) -> None:
         record = {"task": self.stage.name, "task_index": self.stage.index, **record}
+        if self._sink is not None:
+            self._sink.append(record)
         if self._trace_file is not None:
             self._trace_file.write(json.dumps(record) + "\n")
             self._trace_file.flush()
@@ -141,8 +144,9 @@ def validation_loss(engine: Engine, val: list[Example]) -> float:
 
 def train_stage(engine: Engine, cfg: RunConfig, stage: Stage, train: list[Example], memory: list[Example],
                 method, timers: Timers, trace_path: Path | None, val: list[Example] | None = None,
-                progress: bool = True) -> dict:
-    """Train one stage in place on ``engine.params``; returns a small report."""
+                progress: bool = True, sink: list | None = None) -> dict:
+    """Train one stage in place on ``engine.params``; returns a small report. ``sink``: a list
+    that receives every trace record, on every process (the trace file is the main process's)."""
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed + 1000 * stage.index)
@@ -155,7 +159,7 @@ def train_stage(engine: Engine, cfg: RunConfig, stage: Stage, train: list[Exampl
     stream = micro_batch_stream(train, cfg.micro_batch_size, rng, length)
     is_main = engine.accelerator.is_main_process
     trace_file = open(trace_path, "a", encoding="utf-8") if (trace_path is not None and is_main) else None
-    session = TaskSession(engine, cfg, stage, train, memory, max_steps, optimizer, scheduler, timers, trace_file)
+    session = TaskSession(engine, cfg, stage, train, memory, max_steps, optimizer, scheduler, timers, trace_file, sink)
     engine.model.train()
     best = {"loss": math.inf, "step": None, "params": None}
     tokens = skipped = 0

@@ -15,11 +15,26 @@ Run directory layout::
 
 A stage is trained and evaluated in ``stages/.tmp-<name>/`` and renamed into place only when
 everything in it is written, so a run killed at any moment resumes at its first unfinished stage.
+
+Several processes (``accelerate launch --multi_gpu --num_processes N -m aimmerging run ...``, or
+``torchrun``): every process runs this same code on the same global example lists; the engine
+shards the batches (data parallel, DDP through ``accelerator.prepare``), losses are reduced over
+the processes, so every process takes the same merge decisions and keeps a bit-identical
+adapter. Only the main process writes files; every decision that depends on the files (does the
+run directory fit this config, which stages are finished) is made after a barrier, or made by the
+main process and broadcast. On a machine without GPU the processes run on CPU with gloo.
+
+Debugging hook, off by default: with ``AIMMERGING_RANK_DUMP=DIR`` in the environment every
+process writes, at the end of the run, ``DIR/rank<N>.safetensors`` (its LoRA tensors by
+parameter name) and ``DIR/rank<N>.json`` (``{"rank", "num_processes", "records"}``: the trace
+records it emitted in this invocation, merges included; stages skipped on resume emit none), so
+tests can check that all processes took the same decisions and hold the same adapter.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import shutil
 import time
@@ -32,7 +47,7 @@ from ..data.benchmarks import resolve_tasks
 from ..data.formatting import Formatter
 from ..data.sampling import build_memory
 from ..data.stream import DEV_IS_TEST, TaskData, load_stream, validation_set
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 from ..evaluation.generate import generate_predictions
 from ..evaluation.scoring import SCORERS
 from ..io import atomic_write_json, atomic_write_jsonl, atomic_write_text, atomic_write_yaml, commit_dir, read_json, read_jsonl
@@ -95,12 +110,59 @@ def init_run_dir(cfg: RunConfig, replace: bool, is_main: bool) -> Path:
     return run_dir
 
 
+RANK_DUMP_ENV = "AIMMERGING_RANK_DUMP"
+
+
+def _cpu_processes() -> bool:
+    """True for one of several processes (``torchrun``, ``accelerate launch --multi_gpu``) on a
+    machine without an accelerator: accelerate joins them with gloo only when told ``cpu=True``,
+    and would otherwise run every process alone. (``ACCELERATE_USE_CPU=1`` forces the same.)"""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return False
+    device_api = getattr(torch, "accelerator", None)
+    return not (device_api.is_available() if device_api is not None else torch.cuda.is_available())
+
+
+def _warn_single_cpu_process(num_processes: int) -> None:
+    """``accelerate launch --cpu --num_processes N`` (N > 1) starts a single process unless it
+    goes through mpirun (``--mpirun_hostfile``): it sets MASTER_ADDR for N processes but no
+    WORLD_SIZE. Say so instead of silently training on one process."""
+    env = os.environ
+    if (num_processes == 1 and env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+            and "MASTER_ADDR" in env and "WORLD_SIZE" not in env):
+        log.warning("running as a single process: `accelerate launch --cpu --num_processes N` starts one "
+                    "process unless it goes through mpirun (--mpirun_hostfile). For N CPU processes use "
+                    "`accelerate launch --multi_gpu --num_processes N ...` on a machine without GPU "
+                    "(add ACCELERATE_USE_CPU=1 where there is one) or `torchrun --nproc_per_node N -m aimmerging run ...`")
+
+
+def check_data_parallel(accelerator) -> None:
+    """Only one process or data-parallel processes (DDP) are supported. Under FSDP/DeepSpeed the
+    LoRA matrices are sharded outside forward/backward (and accelerate wants the optimizers
+    prepared with the model), which the merge arithmetic, the controller's L1 norm, adapter
+    loading and saving, and sharded evaluation do not handle: stop at once rather than deadlock
+    or diverge. (On CPU accelerate itself refuses FSDP when the Accelerator is created.)"""
+    from accelerate.utils import DistributedType
+
+    kinds = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed",
+             DistributedType.MEGATRON_LM: "Megatron-LM"}
+    name = kinds.get(accelerator.distributed_type)
+    if name:
+        raise ConfigError(f"{name} is not supported: aimmerging runs one process or data-parallel processes (DDP); "
+                          "launch with e.g. `accelerate launch --config_file configs/accelerate/ddp.yaml -m aimmerging run ...`")
+
+
 class Runner:
     def __init__(self, cfg: RunConfig):
         from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
 
         self.cfg = cfg
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+        # The models' buffers (rotary tables) never change: no need to broadcast them every forward.
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=_cpu_processes(),
+                                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        check_data_parallel(self.accelerator)
+        _warn_single_cpu_process(self.accelerator.num_processes)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.is_main = self.accelerator.is_main_process
@@ -111,6 +173,7 @@ class Runner:
         self.reference = load_reference(cfg.fwt_reference, self.tasks) if cfg.fwt_reference else None
         self.stages = plan_stages(self.method, self.tasks, cfg.eval_scope)
         self.progress = cfg.progress
+        self.rank_records: list[dict] | None = [] if os.environ.get(RANK_DUMP_ENV) else None
 
     def _warn_dev_is_test(self) -> None:
         overlap = DEV_IS_TEST & set(self.tasks)
@@ -123,7 +186,8 @@ class Runner:
         from accelerate.utils import set_seed
 
         cfg = self.cfg
-        model, tokenizer, kind = load_base_model(cfg.model, cfg.dtype)
+        with self.accelerator.main_process_first():  # a download or conversion happens once
+            model, tokenizer, kind = load_base_model(cfg.model, cfg.dtype)
         model.config.use_cache = False
         self.formatter = Formatter(tokenizer, kind, cfg.max_input_tokens, cfg.max_target_tokens, cfg.prompt_format)
         set_seed(cfg.seed)
@@ -177,7 +241,7 @@ class Runner:
         log.info("stage %d/%d: %s (%d training examples, memory %d)", stage.index + 1, len(self.stages),
                  stage.name, len(train), len(memory))
         report = train_stage(self.engine, cfg, stage, train, memory, self.method, timers, tmp / "trace.jsonl",
-                             val=val, progress=self.progress)
+                             val=val, progress=self.progress, sink=self.rank_records)
         with timers.section("eval"):
             scores = self.evaluate(stage.eval_tasks, tmp, f"[{stage.index + 1}]")
         record = {"index": stage.index, "name": stage.name, "row": stage.row, "scores": scores, **report,
@@ -191,9 +255,41 @@ class Runner:
         return record
 
     # -- the whole run ---------------------------------------------------------------------------------
+    def _main_decides(self, fn):
+        """``fn()`` on the main process only; its result, or the UserError it raised, is handed
+        to every process, so a failed check fails everywhere at once instead of leaving the
+        other processes waiting at the next collective."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return fn()
+        from accelerate.utils import broadcast_object_list
+
+        box = [None, None]
+        if acc.is_main_process:
+            try:
+                box[0] = fn()
+            except UserError as e:
+                box[1] = e
+        broadcast_object_list(box, from_process=0)
+        if box[1] is not None:
+            raise box[1]
+        return box[0]
+
+    def _dump_rank_state(self) -> None:
+        """The AIMMERGING_RANK_DUMP hook (see the module docstring)."""
+        from safetensors.torch import save_file
+
+        out = Path(os.environ[RANK_DUMP_ENV])
+        rank = self.accelerator.process_index
+        tensors = {n: p.detach().cpu().contiguous() for n, p in self.engine.peft_model.named_parameters() if "lora_" in n}
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out / f"rank{rank}.safetensors"))
+        atomic_write_json(out / f"rank{rank}.json", {"rank": rank, "num_processes": self.accelerator.num_processes,
+                                                      "records": self.rank_records})
+
     def run(self) -> dict:
         cfg = self.cfg
-        replace = check_run_dir(cfg)
+        replace = self._main_decides(lambda: check_run_dir(cfg))
         self._build_engine()
         init_run_dir(cfg, replace, self.is_main)
         self.accelerator.wait_for_everyone()
@@ -222,6 +318,9 @@ class Runner:
             current = stage.index
             self._write_results(records, zero_shot, complete=False)
         results = self._write_results(records, zero_shot, complete=True)
+        if self.rank_records is not None:
+            self._dump_rank_state()
+        self.accelerator.wait_for_everyone()  # every process returns once the files are written
         return results
 
     def _write_results(self, records: list[dict], zero_shot, complete: bool) -> dict:

@@ -1,0 +1,159 @@
+"""``aimmerging bench``: every method of the harness on one stream and one model, side by side.
+
+A benchmark config (YAML, e.g. ``benchmarks/standard-cl.yaml``) has::
+
+    name: ...                 # a title for the report
+    methods: [seq, ...]       # the methods compared (``single`` is always run: FWT needs it)
+    run: {...}                # run options shared by every method (any ``aimmerging run`` key)
+    quick: {...}              # what ``--quick`` changes in ``run``
+    throughput_steps: 3       # timed steps per lever in the throughput study
+
+Layout of ``BENCH_DIR``::
+
+    bench.yaml                the resolved benchmark config
+    configs/<method>.yaml     the run config of each method
+    <method>/                 an ordinary run directory per method (resumable like any run)
+    throughput.json           peak FLOP rate, FLOPs per token, the lever study
+    report.json, report.md, report.png
+
+Every method runs in a process of its own (``python -m aimmerging run``), so peak memory and
+timings are its own. The first stage of the sequential methods (plain LoRA fine-tuning of the
+first task from the same initial adapter with the same seed: identical for ``seq``, ``replay``,
+``merge-*``, ``aimmerging`` and ``single``) is trained once, by ``seq``, and copied into the
+other run directories; its time counts in every method's wall time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import build_config, load_yaml
+from .errors import ConfigError, UserError
+from .io import atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
+
+log = logging.getLogger("aimmerging")
+
+ALL_METHODS = ("seq", "replay", "merge-end", "merge-fixed", "aimmerging", "mtl")
+SHARES_FIRST_STAGE = {"seq", "replay", "merge-end", "merge-fixed", "aimmerging", "single"}
+DEFAULT_CONFIG = Path("benchmarks/standard-cl.yaml")
+
+
+def load_bench_config(path: str | Path, quick: bool, overrides: dict[str, Any]) -> dict:
+    """The resolved benchmark config: ``run`` with ``quick`` and ``overrides`` applied on top."""
+    raw = load_yaml(path)
+    if not isinstance(raw, dict) or not isinstance(raw.get("run"), dict):
+        raise ConfigError(f"{path}: a benchmark config needs a 'run' mapping (see benchmarks/standard-cl.yaml)")
+    unknown = set(raw) - {"name", "methods", "run", "quick", "throughput_steps"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown benchmark key(s): {', '.join(sorted(unknown))}")
+    methods = list(raw.get("methods") or ALL_METHODS)
+    bad = [m for m in methods if m not in ALL_METHODS]
+    if bad:
+        raise ConfigError(f"{path}: methods: unknown or not comparable: {', '.join(bad)} (choose from {', '.join(ALL_METHODS)})")
+    run = {**raw["run"], **(raw.get("quick") or {} if quick else {}), **overrides}
+    for key in ("method", "output_dir", "fwt_reference"):
+        run.pop(key, None)
+    name = raw.get("name", Path(path).stem) + (" (quick)" if quick else "")
+    cfg = {"name": name, "methods": methods, "run": run, "quick": quick,
+           "throughput_steps": int(raw.get("throughput_steps", 3))}
+    for method in ["single", *methods]:  # every method's config must be valid before anything runs
+        build_config({**run, "method": method})
+    return cfg
+
+
+def _method_config(bench: dict, method: str, out: Path) -> dict:
+    values = {**bench["run"], "method": method, "output_dir": str(out / method)}
+    return build_config(values).to_dict()
+
+
+def _run_module(args: list[str], log_hint: str, isolate: bool) -> None:
+    """``python -m ARGS`` in a child process (own peak memory and timings), or in this process."""
+    if isolate:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        code = subprocess.run([sys.executable, "-m", *args], env=env).returncode
+    else:
+        import importlib
+
+        from .cli.main import main
+
+        module = importlib.import_module(args[0])
+        code = main(args[1:]) if args[0] == "aimmerging" else module.main(args[1:])
+    if code != 0:
+        raise UserError(f"{log_hint} failed (exit {code}); rerun `aimmerging bench` with the same "
+                        "options to resume")
+
+
+def _share_first_stage(src: Path, method_cfg: dict, method_dir: Path) -> None:
+    """Copy the finished first stage of ``src`` into a new run directory of ``method_cfg``."""
+    from .training.runner import init_run_dir
+
+    stages = sorted((src / "stages").glob("00-*"))
+    if not stages or not (stages[0] / "scores.json").is_file() or (method_dir / "stages" / stages[0].name).exists():
+        return
+    if (method_dir / "config.yaml").is_file() and load_yaml(method_dir / "config.yaml") != method_cfg:
+        return  # a different run lives there; the run itself decides what to do with it
+    init_run_dir(build_config(method_cfg), replace=False, is_main=True)
+    tmp = method_dir / "stages" / f".tmp-{stages[0].name}"
+    shutil.copytree(stages[0], tmp)
+    os.replace(tmp, method_dir / "stages" / stages[0].name)
+
+
+def run_bench(config: str | Path, output_dir: str | Path, quick: bool = False, overrides: dict | None = None,
+              progress: bool = True, isolate: bool = True) -> dict:
+    from .reporting.bench import bench_markdown, build_report, plot_report
+
+    bench = load_bench_config(config, quick, overrides or {})
+    out = Path(output_dir)
+    resolved = out / "bench.yaml"
+    if resolved.is_file() and load_yaml(resolved) != bench:
+        raise ConfigError(f"{out} holds a benchmark with a different config; choose another --output-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_yaml(resolved, bench)
+    flags = [] if progress else ["--no-progress"]
+
+    throughput = out / "throughput.json"
+    if not throughput.is_file():
+        cfg_path = out / "configs" / "seq.yaml"
+        atomic_write_yaml(cfg_path, _method_config(bench, "seq", out))
+        log.info("throughput study (peak FLOP rate, FLOPs per token, levers)")
+        _run_module(["aimmerging.throughput", str(cfg_path), str(throughput), str(bench["throughput_steps"])],
+                        "throughput study", isolate)
+
+    order = ["seq", "single", *[m for m in bench["methods"] if m != "seq"]]
+    walls: dict[str, float] = {}
+    for method in order:
+        cfg = _method_config(bench, method, out)
+        if method not in ("seq", "single", "mtl"):
+            cfg["fwt_reference"] = str(out / "single")
+        if method != "seq" and method in SHARES_FIRST_STAGE:
+            _share_first_stage(out / "seq", cfg, out / method)
+        cfg_path = out / "configs" / f"{method}.yaml"
+        atomic_write_yaml(cfg_path, cfg)
+        log.info("bench: %s", method)
+        start = time.perf_counter()
+        _run_module(["aimmerging", "run", "--config", str(cfg_path), *flags], f"method {method}", isolate)
+        walls[method] = time.perf_counter() - start
+
+    runs = {m: read_json(out / m / "results.json") for m in order}
+    report = build_report(bench, runs, read_json(throughput), process_walls=walls)
+    atomic_write_json(out / "report.json", report)
+    plot_report(report, out / "report.png")
+    atomic_write_text(out / "report.md", bench_markdown(report, command=_command(config, out, quick)))
+    return report
+
+
+def _command(config, out, quick) -> str:
+    parts = ["aimmerging bench"]
+    if Path(config) != DEFAULT_CONFIG:
+        parts.append(f"--config {config}")
+    if quick:
+        parts.append("--quick")
+    parts.append(f"--output-dir {out}")
+    return " ".join(parts)

@@ -1,0 +1,147 @@
+"""The benchmark report: pure functions of the runs' results.json files and the throughput study,
+plus the markdown and the plot written at the edge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from ..evaluation.metrics import all_metrics
+
+SECTIONS = ("inner", "probe", "replay", "bookkeeping", "validation", "eval")
+
+
+def method_summary(results: dict, reference: Optional[list], flops_per_token: float, peak_gflops: float) -> dict:
+    """Quality and cost of one method's run."""
+    timing = {k: float(results.get("timing", {}).get(k, 0.0)) for k in SECTIONS}
+    stages = results.get("stages", [])
+    wall = sum(float(s.get("wall_s", 0.0)) for s in stages)
+    timing["other"] = max(0.0, wall - sum(timing.values()))
+    tokens = sum(int(s.get("tokens", 0)) for s in stages)
+    inner = timing["inner"]
+    tps = tokens / inner if inner > 0 else None
+    gflops = flops_per_token * tps / 1e9 if tps else None
+    return {
+        "accuracy_matrix": results["accuracy_matrix"],
+        "metrics": all_metrics(results["accuracy_matrix"], reference),
+        "wall_s": wall,
+        "timing_s": timing,
+        "steps": sum(int(s.get("steps", 0)) for s in stages),
+        "merges": sum(int(s.get("merges", 0)) for s in stages),
+        "tokens": tokens,
+        "train_tokens_per_s": tps,
+        "train_gflops": gflops,
+        "train_fraction_of_peak": gflops / peak_gflops if gflops else None,
+        "bookkeeping_fraction": timing["bookkeeping"] / wall if wall else None,
+        "peak_rss_mb": results.get("peak_rss_mb"),
+    }
+
+
+def build_report(bench: dict, runs: dict[str, dict], throughput: dict, process_walls: dict | None = None) -> dict:
+    single = runs["single"]
+    reference = [single["accuracy_matrix"][t][t] for t in range(len(single["tasks"]))]
+    peak = float(throughput["peak_gflops"])
+    methods = {m: method_summary(r, reference, float(throughput["flops_per_token"]), peak) for m, r in runs.items()}
+
+    def ratio(a: str, b: str) -> Optional[float]:
+        if a in methods and b in methods and methods[b]["wall_s"]:
+            return methods[a]["wall_s"] / methods[b]["wall_s"]
+        return None
+
+    return {
+        "name": bench["name"],
+        "tasks": single["tasks"],
+        "model": single["model"],
+        "run": bench["run"],
+        "reference_scores": reference,
+        "methods": methods,
+        "ratios": {"aimmerging/seq": ratio("aimmerging", "seq"), "aimmerging/replay": ratio("aimmerging", "replay")},
+        "throughput": throughput,
+        "process_wall_s": process_walls or {},
+    }
+
+
+def _f(x, fmt="{:.4f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def bench_markdown(report: dict, command: str) -> str:
+    tasks, methods = report["tasks"], report["methods"]
+    out = [f"# {report['name']}", "", f"Command: `{command}`", "",
+           f"Model `{report['model']}`, tasks {' -> '.join(tasks)}. Shared run settings:", "", "```yaml"]
+    out += [f"{k}: {v}" for k, v in report["run"].items()]
+    out += ["```", "", "## Quality", "", "| method | OP | BWT | FWT | merges |", "|---|---|---|---|---|"]
+    for m, s in methods.items():
+        k = s["metrics"]
+        out.append(f"| {m} | {_f(k['op'])} | {_f(k['bwt'], '{:+.4f}')} | {_f(k['fwt'], '{:+.4f}')} | {s['merges']} |")
+    out += ["", "FWT is against the `single` run's diagonal (a fresh adapter per task), so `single` has FWT 0 by "
+            "definition.", "", "### Accuracy matrices (row: after training task i; column: task j)", ""]
+    for m, s in methods.items():
+        out += [f"**{m}**", "", "| after \\ on | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for i, t in enumerate(tasks):
+            row = s["accuracy_matrix"][i]
+            if any(x is not None for x in row):
+                out.append(f"| {t} | " + " | ".join(_f(x) for x in row) + " |")
+        out.append("")
+    out += ["## Cost", "", "Wall time of training and evaluation (model loading excluded), split by what it was spent on; "
+            "training throughput counts the tokens of the inner (training) steps.", "",
+            "| method | wall s | inner | probe | replay | bookkeeping | eval | other | bookkeeping % | train tokens/s "
+            "| train GFLOP/s (% of peak) | peak RSS MB |", "|---|" + "---|" * 11]
+    for m, s in methods.items():
+        t = s["timing_s"]
+        frac = s["train_fraction_of_peak"]
+        out.append(f"| {m} | {s['wall_s']:.0f} | {t['inner']:.0f} | {t['probe']:.0f} | {t['replay']:.0f} | "
+                   f"{t['bookkeeping']:.1f} | {t['eval']:.0f} | {t['other'] + t['validation']:.0f} | "
+                   f"{_f(s['bookkeeping_fraction'] and 100 * s['bookkeeping_fraction'], '{:.2f}')} | "
+                   f"{_f(s['train_tokens_per_s'], '{:.0f}')} | {_f(s['train_gflops'], '{:.1f}')} "
+                   f"({_f(frac and 100 * frac, '{:.0f}')}%) | {_f(s['peak_rss_mb'], '{:.0f}')} |")
+    r = report["ratios"]
+    out += ["", f"Wall-time ratios: aimmerging / seq = {_f(r['aimmerging/seq'], '{:.2f}')}, "
+            f"aimmerging / replay = {_f(r['aimmerging/replay'], '{:.2f}')}.", ""]
+    tp = report["throughput"]
+    out += ["## Throughput of the training step", "",
+            f"Peak fp32 matmul rate measured in the same process: {tp['peak_gflops']:.1f} GFLOP/s "
+            f"({tp['threads']} threads; {tp.get('peak_after_gflops', 0):.1f} GFLOP/s measured again after the study). "
+            f"FLOPs counted with `torch.utils.flop_counter.FlopCounterMode`; {tp['flops_per_token'] / 1e9:.3f} GFLOP "
+            "per trained token as the runs execute the step. Each lever is added to the ones above it; "
+            f"{tp['steps']} timed steps each after one warm-up step.", "",
+            "| lever | s / step | tokens/s | GFLOP / step | GFLOP/s | % of peak |", "|---|---|---|---|---|---|"]
+    for row in tp["rows"]:
+        out.append(f"| {row['lever']} | {row['step_s']:.2f} | {row['tokens_per_s']:.0f} | {row['gflop_per_step']:.1f} | "
+                   f"{row['gflops']:.1f} | {100 * row['fraction_of_peak']:.0f}% |")
+    return "\n".join(out) + "\n"
+
+
+def plot_report(report: dict, path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plots import save_figure
+
+    methods = list(report["methods"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.27
+    for k, key in enumerate(("op", "bwt", "fwt")):
+        vals = [report["methods"][m]["metrics"][key] or 0.0 for m in methods]
+        ax1.bar([i + (k - 1) * width for i in range(len(methods))], vals, width, label=key.upper())
+    ax1.axhline(0, color="black", linewidth=0.8)
+    ax1.set_xticks(range(len(methods)), methods, rotation=30)
+    ax1.set_title("Quality")
+    ax1.legend()
+    bottom = [0.0] * len(methods)
+    for sec in ("inner", "probe", "replay", "bookkeeping", "eval", "other"):
+        vals = [report["methods"][m]["timing_s"][sec] / 60 for m in methods]
+        ax2.bar(range(len(methods)), vals, bottom=bottom, label=sec)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax2.set_xticks(range(len(methods)), methods, rotation=30)
+    ax2.set_ylabel("minutes")
+    ax2.set_title("Wall time")
+    ax2.legend(fontsize="small")
+    fig.suptitle(report["name"])
+    fig.tight_layout()
+    try:
+        return save_figure(fig, path)
+    finally:
+        plt.close(fig)

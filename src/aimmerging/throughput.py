@@ -1,0 +1,132 @@
+"""How fast is a training step, against what this machine can do?
+
+* :func:`matmul_peak` measures the machine's fp32 peak with large square matmuls (best of a few).
+* :func:`count_step_flops` counts the FLOPs of one training step (forward + backward of every
+  micro-batch) with ``torch.utils.flop_counter.FlopCounterMode``.
+* :func:`lever_study` times the training step with the known levers switched on one after another
+  (LM head only where labels are, padding to the batch's longest sequence, grouping similar
+  lengths, thread count) and reports tokens per second and the FLOP rate as a fraction of the peak.
+
+Used by ``aimmerging bench`` in a process of its own (the peak is measured in the same process as
+the steps, as the benchmark asks).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Sequence
+
+import torch
+
+from .data.olora import Example
+
+
+def matmul_peak(n: int = 2048, repeats: int = 6) -> float:
+    """Best fp32 GFLOP/s of an ``n x n`` by ``n x n`` matmul on this process's threads."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def count_step_flops(engine, micro_batches: Sequence[Sequence[Example]]) -> int:
+    """FLOPs of the forward and backward passes of one optimizer step (gradients are cleared)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        for mb in micro_batches:
+            engine.backward(mb, 1.0 / len(micro_batches), sync=True)
+    for p in engine.params:
+        p.grad = None
+    return int(counter.get_total_flops())
+
+
+def _batches(examples: Sequence[Example], cfg, engine, grouped: bool, steps: int) -> list[list[list[Example]]]:
+    from .training.loop import micro_batch_stream
+
+    length = engine.formatter.length if grouped else None
+    stream = micro_batch_stream(examples, cfg.micro_batch_size, random.Random(f"throughput-{cfg.seed}"), length)
+    return [[next(stream) for _ in range(cfg.grad_accum)] for _ in range(steps)]
+
+
+LEVERS = (
+    # name, full LM head, pad to the length budget, group by length, threads (None: all cores)
+    ("baseline: LM head on every position, padded to the length budget, 1 thread", True, True, False, 1),
+    ("+ all cores (torch threads = cores)", True, True, False, None),
+    ("+ LM head only where labels are (logits_to_keep)", False, True, False, None),
+    ("+ pad to the batch's longest sequence", False, False, False, None),
+    ("+ group similar lengths into a batch", False, False, True, None),
+)
+
+
+def lever_study(engine, cfg, examples: Sequence[Example], steps: int = 3, peak: float | None = None) -> dict:
+    """Time ``steps`` training steps (after one warm-up step) for each row of :data:`LEVERS`."""
+    cores = torch.get_num_threads()
+    peak = peak or matmul_peak()
+    budget = engine.formatter.max_input_tokens + max(len(engine.formatter.answer_ids(e.output)) for e in examples)
+    optimizer = torch.optim.AdamW(engine.params, lr=1e-7)
+    rows = []
+    for name, full_logits, pad, grouped, threads in LEVERS:
+        torch.set_num_threads(threads or cores)
+        engine.full_logits = full_logits
+        engine.formatter.pad_to = budget if pad else None
+        batches = _batches(examples, cfg, engine, grouped, steps + 1)
+        flops = sum(count_step_flops(engine, mb) for mb in batches[1:])
+        tokens = sum(engine.formatter.length(e) for step in batches[1:] for mb in step for e in mb)
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        engine.inner_step(batches[0], optimizer, sched)  # warm-up
+        start = time.perf_counter()
+        for step in batches[1:]:
+            engine.inner_step(step, optimizer, sched)
+        wall = time.perf_counter() - start
+        rows.append({"lever": name, "threads": threads or cores, "step_s": wall / steps,
+                     "tokens_per_s": tokens / wall, "gflop_per_step": flops / steps / 1e9,
+                     "gflops": flops / wall / 1e9, "fraction_of_peak": flops / wall / 1e9 / peak})
+    torch.set_num_threads(cores)
+    engine.full_logits = False
+    engine.formatter.pad_to = None
+    return {"peak_gflops": peak, "threads": cores, "steps": steps, "rows": rows}
+
+
+def flops_per_token(engine, cfg, examples: Sequence[Example], steps: int = 2) -> float:
+    """FLOPs per (non-padding) token of the training step as the runs execute it."""
+    batches = _batches(examples, cfg, engine, cfg.group_by_length, steps)
+    flops = sum(count_step_flops(engine, mb) for mb in batches)
+    tokens = sum(engine.formatter.length(e) for step in batches for mb in step for e in mb)
+    return flops / tokens
+
+
+def main(argv: list[str]) -> int:
+    """``python -m aimmerging.throughput RUN_CONFIG.yaml OUT.json [STEPS]`` (used by the bench)."""
+    from .cli.main import _setup_logging
+    from .config import build_config, load_yaml
+    from .io import atomic_write_json
+    from .training.runner import Runner
+
+    _setup_logging(verbose=False)
+    cfg = build_config(load_yaml(argv[0]))
+    steps = int(argv[2]) if len(argv) > 2 else 3
+    runner = Runner(cfg)
+    runner._build_engine()
+    engine = runner.engine
+    examples = runner.stream[runner.tasks[0]].train
+    peak = matmul_peak()
+    study = lever_study(engine, cfg, examples, steps=steps, peak=peak)
+    study["flops_per_token"] = flops_per_token(engine, cfg, examples)
+    study["peak_after_gflops"] = matmul_peak()
+    atomic_write_json(argv[1], study)
+    for row in study["rows"]:
+        print(f"{row['lever']}: {row['step_s']:.2f} s/step, {row['tokens_per_s']:.0f} tokens/s, "
+              f"{row['gflops']:.1f} GFLOP/s = {100 * row['fraction_of_peak']:.0f}% of {peak:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,82 @@
+"""Smoke test of ``aimmerging bench`` on a tiny model (in-process, seconds)."""
+
+import json
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from aimmerging.bench import run_bench
+from aimmerging.config import build_config
+from aimmerging.errors import ConfigError
+from aimmerging.training.runner import run
+
+from helpers import DATA_DIR
+
+RUN = {"tasks": ["dbpedia", "amazon"], "data_dir": str(DATA_DIR), "model": "tiny-causal", "train_cap": 24,
+       "eval_cap": 6, "max_steps": 4, "batch_size": 4, "micro_batch_size": 2, "memory_ratio": 50.0,
+       "memory_batch_size": 4, "initial_interval": 2, "initial_outer_steps": 2, "eval_scope": "needed",
+       "max_input_tokens": 48, "lr": 5e-3, "warmup_steps": 1, "progress": False}
+
+
+def _config(tmp_path, **extra):
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny", "run": RUN, "throughput_steps": 1,
+                                    "quick": {"max_steps": 2}, **extra}))
+    return path
+
+
+def test_bench_reports_every_method_with_quality_and_cost(tmp_path):
+    out = tmp_path / "out"
+    report = run_bench(_config(tmp_path), out, progress=False, isolate=False)
+    expected = {"seq", "single", "replay", "merge-end", "merge-fixed", "aimmerging", "mtl"}
+    assert set(report["methods"]) == expected
+    for name, m in report["methods"].items():
+        assert len(m["accuracy_matrix"]) == 2
+        # single fills only the diagonal (no OP/BWT), mtl only the last row (no BWT/FWT)
+        assert (m["metrics"]["op"] is None) == (name == "single"), name
+        assert (m["metrics"]["bwt"] is None) == (name in ("single", "mtl")), name
+        assert (m["metrics"]["fwt"] is None) == (name == "mtl"), name
+        assert m["wall_s"] > 0 and m["timing_s"]["inner"] > 0 and m["timing_s"]["eval"] > 0
+        assert m["train_tokens_per_s"] > 0 and 0 < m["train_fraction_of_peak"]
+    assert report["methods"]["single"]["metrics"]["fwt"] == 0
+    assert report["methods"]["aimmerging"]["merges"] >= 1 and report["methods"]["aimmerging"]["timing_s"]["probe"] > 0
+    assert report["methods"]["seq"]["timing_s"]["probe"] == 0
+    assert report["ratios"]["aimmerging/seq"] > 0 and report["ratios"]["aimmerging/replay"] > 0
+    tp = report["throughput"]
+    assert tp["peak_gflops"] > 0 and tp["flops_per_token"] > 0 and len(tp["rows"]) == 5
+    assert all(r["gflops"] > 0 for r in tp["rows"])
+    # the LM head on every position costs more FLOPs than on the answer positions only
+    assert tp["rows"][1]["gflop_per_step"] > tp["rows"][2]["gflop_per_step"]
+    md = (out / "report.md").read_text()
+    assert "aimmerging / seq" in md and "| mtl |" in md and "% of peak" in md
+    assert (out / "report.png").stat().st_size > 1000
+    assert json.loads((out / "report.json").read_text())["methods"]["seq"]["metrics"] == report["methods"]["seq"]["metrics"]
+    # the first stage is trained once (by seq) and shared
+    first = json.loads((out / "seq" / "stages" / "00-dbpedia" / "scores.json").read_text())
+    for m in ("replay", "aimmerging", "single"):
+        assert json.loads((out / m / "stages" / "00-dbpedia" / "scores.json").read_text()) == first
+    # a second call resumes: nothing is retrained and the report is the same
+    again = run_bench(_config(tmp_path), out, progress=False, isolate=False)
+    assert again["methods"]["aimmerging"]["accuracy_matrix"] == report["methods"]["aimmerging"]["accuracy_matrix"]
+
+
+def test_sharing_the_first_stage_is_exact(tmp_path):
+    """Why the bench may share stage 0: every sequential method trains it identically."""
+    adapters = []
+    for method in ("seq", "aimmerging", "replay"):
+        out = tmp_path / method
+        run(build_config({**RUN, "tasks": ["dbpedia", "amazon"], "method": method, "output_dir": str(out)}))
+        adapters.append(load_file(str(out / "stages" / "00-dbpedia" / "adapter" / "adapter_model.safetensors")))
+    for other in adapters[1:]:
+        assert adapters[0].keys() == other.keys()
+        assert all((adapters[0][k] == other[k]).all() for k in adapters[0])
+
+
+def test_bench_config_errors_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="methods: unknown"):
+        run_bench(_config(tmp_path, methods=["seq", "nope"]), tmp_path / "o", isolate=False)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"run": {**RUN, "lr": "fast"}}))
+    with pytest.raises(ConfigError):
+        run_bench(bad, tmp_path / "o2", isolate=False)
