@@ -100,8 +100,9 @@ def bench_markdown(report: dict, command: str) -> str:
             f"aimmerging / replay = {_f(r['aimmerging/replay'], '{:.2f}')}.", ""]
     tp = report["throughput"]
     out += ["## Throughput of the training step", "",
-            f"Peak fp32 matmul rate measured in the same process: {tp['peak_gflops']:.1f} GFLOP/s "
-            f"({tp['threads']} threads; {tp.get('peak_after_gflops', 0):.1f} GFLOP/s measured again after the study). "
+            f"Peak fp32 rate: {tp['peak_gflops']:.1f} GFLOP/s, the best of 2048 x 2048 matmuls timed in the same "
+            f"process before and after the study ({', '.join(f'{x:.1f}' for x in tp['peak_measurements_gflops'])}; "
+            f"{tp['threads']} threads). "
             f"FLOPs counted with `torch.utils.flop_counter.FlopCounterMode`; {tp['flops_per_token'] / 1e9:.3f} GFLOP "
             "per trained token as the runs execute the step. Each lever is added to the ones above it; "
             f"{tp['steps']} timed steps each after one warm-up step.", "",
