@@ -61,7 +61,7 @@ class RunConfig:
     # -- training --------------------------------------------------------------------------------
     method: str = _f("seq", "continual-learning method", "training", METHODS)
     epochs: int = _f(10, "epochs per task (ignored when --max-steps is given)", "training")
-    max_steps: Optional[int] = _f(None, "optimizer steps per task (default: epochs x floor(ceil(N/micro)/accum))", "training")
+    max_steps: Optional[int] = _f(None, "optimizer steps per task; mtl gets this x the number of tasks (default: epochs x floor(ceil(N/micro)/accum))", "training")
     batch_size: int = _f(32, "examples per optimizer step (global, over all processes)", "training")
     micro_batch_size: int = _f(8, "examples per forward pass (global); accumulation = batch/micro", "training")
     lr: float = _f(3e-4, "AdamW learning rate (peak of the linear schedule)", "training")

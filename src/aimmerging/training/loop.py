@@ -32,10 +32,11 @@ from ..models.lora import restore, snapshot
 from .engine import Engine, Timers
 
 
-def steps_per_task(n_examples: int, cfg: RunConfig) -> int:
-    """Reference rule: epochs x floor(ceil(N / micro) / accum), at least 1; or --max-steps."""
+def steps_per_task(n_examples: int, cfg: RunConfig, n_tasks: int = 1) -> int:
+    """Reference rule: epochs x floor(ceil(N / micro) / accum), at least 1; or --max-steps per
+    task, so a stage on ``n_tasks`` tasks together (``mtl``) gets as many steps as the stream."""
     if cfg.max_steps is not None:
-        return cfg.max_steps
+        return cfg.max_steps * n_tasks
     micro_batches = math.ceil(n_examples / cfg.micro_batch_size)
     return max(1, cfg.epochs * (micro_batches // cfg.grad_accum))
 
@@ -150,7 +151,7 @@ def train_stage(engine: Engine, cfg: RunConfig, stage: Stage, train: list[Exampl
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed + 1000 * stage.index)
-    max_steps = steps_per_task(len(train), cfg)
+    max_steps = steps_per_task(len(train), cfg, len(stage.train_tasks))
     optimizer = torch.optim.AdamW(engine.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, max_steps)
