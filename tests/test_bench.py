@@ -44,12 +44,17 @@ def test_bench_reports_every_method_with_quality_and_cost(tmp_path):
     assert report["methods"]["seq"]["timing_s"]["probe"] == 0
     assert report["ratios"]["aimmerging/seq"] > 0 and report["ratios"]["aimmerging/replay"] > 0
     tp = report["throughput"]
-    assert tp["peak_gflops"] > 0 and tp["flops_per_token"] > 0 and len(tp["rows"]) == 7
+    assert tp["peak_gflops"] > 0 and tp["flops_per_token"] > 0 and len(tp["rows"]) == 8
     assert all(r["gflops"] > 0 for r in tp["rows"])
+    # the time breakdown of the runs' step: shares of the wall time, and the matmuls' own rate
+    b = tp["breakdown"]
+    assert set(b["shares"]) == {"matmul", "attention", "dropout masks", "other"}
+    assert all(v >= 0 for v in b["shares"].values()) and 0.999 <= sum(b["shares"].values()) < 1.25
+    assert b["shares"]["matmul"] > 0 and b["matmul_gflops"] > 0 and b["peak_gflops"] == tp["peak_gflops"]
     # the LM head on every position costs more FLOPs than on the answer positions only
     assert tp["rows"][1]["gflop_per_step"] > tp["rows"][2]["gflop_per_step"]
     md = (out / "report.md").read_text()
-    assert "aimmerging / seq" in md and "| mtl |" in md and "% of peak" in md
+    assert "aimmerging / seq" in md and "| mtl |" in md and "% of peak" in md and "The matmuls alone run at" in md
     assert (out / "report.png").stat().st_size > 1000
     assert json.loads((out / "report.json").read_text())["methods"]["seq"]["metrics"] == report["methods"]["seq"]["metrics"]
     # the first stage is trained once (by seq) and shared
@@ -80,3 +85,21 @@ def test_bench_config_errors_are_one_line(tmp_path):
     bad.write_text(yaml.safe_dump({"run": {**RUN, "lr": "fast"}}))
     with pytest.raises(ConfigError):
         run_bench(bad, tmp_path / "o2", isolate=False)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_flops_are_counted_on_cpu(causal):
+    """torch's FlopCounterMode knows only the CUDA attention kernels; on CPU attention would count
+    as zero. Forward QK^T and AV: 2 * 2*b*h*s*s*d; backward: 2.5x that (torch's formula); causal: half."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from aimmerging.throughput import _cpu_attention_flops
+
+    b, h, s, d = 2, 4, 16, 8
+    q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
+    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
+        F.scaled_dot_product_attention(q, k, v, is_causal=causal).sum().backward()
+    forward = 2 * (2 * b * h * s * s * d) * (0.5 if causal else 1.0)
+    assert counter.get_total_flops() == pytest.approx(forward * 3.5)

@@ -94,7 +94,11 @@ def test_rerunning_a_finished_run_trains_nothing(tmp_path, data_dir, caplog):
     assert main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert caplog.text.count("already finished") == 3
-    assert json.loads((out / "results.json").read_text())["accuracy_matrix"] == before["accuracy_matrix"]
+    after = json.loads((out / "results.json").read_text())
+    assert after["accuracy_matrix"] == before["accuracy_matrix"]
+    # peak memory is the training processes' (per stage), not the resuming process's
+    peaks = [json.loads(p.read_text())["peak_rss_mb"] for p in stamps]
+    assert after["peak_rss_mb"] == before["peak_rss_mb"] == max(peaks) > 0
 
 
 def test_a_different_config_is_refused_unless_overwrite(tmp_path, data_dir, capsys):

@@ -6,7 +6,9 @@
 * :func:`lever_study` times the training step with the known levers switched on one after another
   (LM head only where labels are, padding to the batch's longest sequence, grouping similar
   lengths, thread count) and reports tokens per second and the FLOP rate as a fraction of the peak;
-  two more rows show what a larger micro-batch would give (the runs keep the config's).
+  more rows show what a larger micro-batch or no LoRA dropout would give (the runs keep the config's).
+* :func:`time_breakdown` profiles the runs' step and splits its time into matmuls, attention,
+  dropout masks and the rest, with the matmuls' own FLOP rate.
 
 Used by ``aimmerging bench`` in a process of its own (the peak is measured in the same process as
 the steps, as the benchmark asks).
@@ -35,11 +37,38 @@ def matmul_peak(n: int = 2048, repeats: int = 6) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def _cpu_attention_flops() -> dict:
+    """FLOP formulas for the CPU flash-attention kernels, which ``FlopCounterMode``'s registry
+    lacks (it has the CUDA ones only), so attention would count as zero on CPU. The formulas are
+    torch's own for the CUDA kernels (``sdpa_flop_count``, ``sdpa_backward_flop_count``); a causal
+    call counts half, as the kernel skips the blocks above the diagonal. (transformers passes an
+    explicit mask when a batch has padding: the kernel then computes every block, and so do we.)"""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if forward is None or backward is None:
+        return {}
+
+    def causal_share(is_causal) -> float:
+        return 0.5 if is_causal else 1.0
+
+    def forward_flops(query, key, value, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs):
+        return int(fc.sdpa_flop_count(query, key, value) * causal_share(is_causal))
+
+    def backward_flops(grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is_causal=False,
+                       *args, out_shape=None, **kwargs):
+        return int(fc.sdpa_backward_flop_count(grad_out, query, key, value) * causal_share(is_causal))
+
+    return {forward: forward_flops, backward: backward_flops}
+
+
 def count_step_flops(engine, micro_batches: Sequence[Sequence[Example]]) -> int:
     """FLOPs of the forward and backward passes of one optimizer step (gradients are cleared)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
         for mb in micro_batches:
             engine.backward(mb, 1.0 / len(micro_batches), sync=True)
     for p in engine.params:
@@ -60,15 +89,27 @@ def _batches(examples: Sequence[Example], cfg, engine, grouped: bool, steps: int
 
 LEVERS = (
     # name, full LM head, pad to the length budget, group by length, threads (None: all cores),
-    # micro-batch (None: the config's)
-    ("baseline: LM head on every position, padded to the length budget, 1 thread", True, True, False, 1, None),
-    ("+ all cores (torch threads = cores)", True, True, False, None, None),
-    ("+ LM head only where labels are (logits_to_keep)", False, True, False, None, None),
-    ("+ pad to the batch's longest sequence", False, False, False, None, None),
-    ("+ group similar lengths into a batch (the runs' setting)", False, False, True, None, None),
-    ("  same, micro-batch x2 (not used by the runs)", False, False, True, None, 2),
-    ("  same, micro-batch x4 (not used by the runs)", False, False, True, None, 4),
+    # micro-batch (None: the config's), LoRA dropout on
+    ("baseline: LM head on every position, padded to the length budget, 1 thread", True, True, False, 1, None, True),
+    ("+ all cores (torch threads = cores)", True, True, False, None, None, True),
+    ("+ LM head only where labels are (logits_to_keep)", False, True, False, None, None, True),
+    ("+ pad to the batch's longest sequence", False, False, False, None, None, True),
+    ("+ group similar lengths into a batch (the runs' setting)", False, False, True, None, None, True),
+    ("  same, micro-batch x2 (not used by the runs)", False, False, True, None, 2, True),
+    ("  same, micro-batch x4 (not used by the runs)", False, False, True, None, 4, True),
+    ("  same as the runs, LoRA dropout off (changes the recipe; not used by the runs)", False, False, True, None, None, False),
 )
+
+
+def _set_dropout(model, on: bool, saved: dict) -> None:
+    """Switch the model's dropout modules off (p = 0, remembering p in ``saved``) or back on."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            if not on and module.p > 0:
+                saved[module] = module.p
+                module.p = 0.0
+            elif on and module in saved:
+                module.p = saved.pop(module)
 
 
 def lever_study(engine, cfg, examples: Sequence[Example], steps: int = 3, peak: float | None = None) -> dict:
@@ -77,8 +118,9 @@ def lever_study(engine, cfg, examples: Sequence[Example], steps: int = 3, peak: 
     peak = peak or matmul_peak()
     budget = engine.formatter.max_input_tokens + max(len(engine.formatter.answer_ids(e.output)) for e in examples)
     optimizer = torch.optim.AdamW(engine.params, lr=1e-7)
-    rows = []
-    for name, full_logits, pad, grouped, threads, factor in LEVERS:
+    rows, saved = [], {}
+    for name, full_logits, pad, grouped, threads, factor, dropout in LEVERS:
+        _set_dropout(engine.model, dropout, saved)
         torch.set_num_threads(threads or cores)
         engine.full_logits = full_logits
         engine.formatter.pad_to = budget if pad else None
@@ -95,10 +137,54 @@ def lever_study(engine, cfg, examples: Sequence[Example], steps: int = 3, peak: 
         rows.append({"lever": name, "threads": threads or cores, "micro_batch": micro, "step_s": wall / steps,
                      "tokens_per_s": tokens / wall, "gflop_per_step": flops / steps / 1e9,
                      "gflops": flops / wall / 1e9, "fraction_of_peak": flops / wall / 1e9 / peak})
+    _set_dropout(engine.model, True, saved)
     torch.set_num_threads(cores)
     engine.full_logits = False
     engine.formatter.pad_to = None
     return {"peak_gflops": peak, "threads": cores, "steps": steps, "rows": rows}
+
+
+# where a step's time goes: torch op name -> category (anything else is "other")
+CATEGORIES = {"aten::mm": "matmul", "aten::bmm": "matmul", "aten::addmm": "matmul",
+              "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward": "attention",
+              "aten::bernoulli_": "dropout masks"}
+
+
+def time_breakdown(engine, cfg, examples: Sequence[Example], steps: int = 2, peak: float | None = None) -> dict:
+    """Profile ``steps`` training steps as the runs execute them (``torch.profiler``) and split their
+    time by op category: matmuls, attention, dropout masks, everything else. Also the rate of the
+    matmuls alone (their FLOPs over their time), against the peak: what the shapes of this model
+    and batch allow, before any other cost."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batches = _batches(examples, cfg, engine, cfg.group_by_length, steps + 1)
+    optimizer = torch.optim.AdamW(engine.params, lr=1e-7)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    engine.inner_step(batches[0], optimizer, sched)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for step in batches[1:]:
+            engine.inner_step(step, optimizer, sched)
+        wall = time.perf_counter() - start
+    seconds = {"matmul": 0.0, "attention": 0.0, "dropout masks": 0.0}
+    for event in prof.key_averages():
+        if event.key in CATEGORIES:
+            seconds[CATEGORIES[event.key]] += event.self_cpu_time_total / 1e6
+    seconds["other"] = max(0.0, wall - sum(seconds.values()))
+    with FlopCounterMode(display=False) as counter:
+        for step in batches[1:]:
+            for mb in step:
+                engine.backward(mb, 1.0 / len(step), sync=True)
+    for p in engine.params:
+        p.grad = None
+    matmul_flops = sum(v for op, v in counter.get_flop_counts()["Global"].items()
+                       if str(op).split(".")[-1] in ("mm", "bmm", "addmm"))
+    matmul_gflops = matmul_flops / seconds["matmul"] / 1e9 if seconds["matmul"] else None
+    return {"steps": steps, "wall_s": wall, "shares": {k: v / wall for k, v in seconds.items()},
+            "matmul_gflops": matmul_gflops, "peak_gflops": peak,
+            "matmul_fraction_of_peak": matmul_gflops / peak if matmul_gflops and peak else None}
 
 
 def flops_per_token(engine, cfg, examples: Sequence[Example], steps: int = 2) -> float:
@@ -126,16 +212,23 @@ def main(argv: list[str]) -> int:
     peak = matmul_peak()
     study = lever_study(engine, cfg, examples, steps=steps, peak=peak)
     study["flops_per_token"] = flops_per_token(engine, cfg, examples)
+    study["breakdown"] = time_breakdown(engine, cfg, examples, peak=peak)
     # the peak is what the machine can do: the best of the measurements before and after the
     # study (anything else running at the time can only lower a measurement)
     study["peak_measurements_gflops"] = [peak, matmul_peak()]
     peak = study["peak_gflops"] = max(study["peak_measurements_gflops"])
     for row in study["rows"]:
         row["fraction_of_peak"] = row["gflops"] / peak
+    breakdown = study["breakdown"]
+    breakdown["peak_gflops"] = peak
+    if breakdown["matmul_gflops"]:
+        breakdown["matmul_fraction_of_peak"] = breakdown["matmul_gflops"] / peak
     atomic_write_json(argv[1], study)
     for row in study["rows"]:
         print(f"{row['lever']}: {row['step_s']:.2f} s/step, {row['tokens_per_s']:.0f} tokens/s, "
               f"{row['gflops']:.1f} GFLOP/s = {100 * row['fraction_of_peak']:.0f}% of {peak:.1f}")
+    print("time of the runs' step: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in breakdown["shares"].items())
+          + f"; matmuls alone at {100 * (breakdown['matmul_fraction_of_peak'] or 0):.0f}% of peak")
     return 0
 
 

@@ -110,6 +110,12 @@ def bench_markdown(report: dict, command: str) -> str:
     for row in tp["rows"]:
         out.append(f"| {row['lever']} | {row['step_s']:.2f} | {row['tokens_per_s']:.0f} | {row['gflop_per_step']:.1f} | "
                    f"{row['gflops']:.1f} | {100 * row['fraction_of_peak']:.0f}% |")
+    b = tp.get("breakdown")
+    if b:
+        shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in b["shares"].items())
+        out += ["", f"Where the time of the runs' step goes (`torch.profiler`, {b['steps']} steps): {shares}. "
+                f"The matmuls alone run at {_f(b['matmul_gflops'], '{:.1f}')} GFLOP/s "
+                f"({_f(b['matmul_fraction_of_peak'] and 100 * b['matmul_fraction_of_peak'], '{:.0f}')}% of peak)."]
     return "\n".join(out) + "\n"
 
 

@@ -123,6 +123,11 @@ def _cpu_processes() -> bool:
     return not (device_api.is_available() if device_api is not None else torch.cuda.is_available())
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports ru_maxrss in KB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _warn_single_cpu_process(num_processes: int) -> None:
     """``accelerate launch --cpu --num_processes N`` (N > 1) starts a single process unless it
     goes through mpirun (``--mpirun_hostfile``): it sets MASTER_ADDR for N processes but no
@@ -246,7 +251,7 @@ class Runner:
             scores = self.evaluate(stage.eval_tasks, tmp, f"[{stage.index + 1}]")
         record = {"index": stage.index, "name": stage.name, "row": stage.row, "scores": scores, **report,
                   "memory_size": len(memory), "timing": timers.as_dict(),
-                  "wall_s": round(time.perf_counter() - start, 3)}
+                  "wall_s": round(time.perf_counter() - start, 3), "peak_rss_mb": _peak_rss_mb()}
         if self.is_main:
             self.engine.peft_model.save_pretrained(str(tmp / "adapter"))
             atomic_write_json(tmp / "scores.json", record)  # last: its presence marks a finished stage
@@ -293,6 +298,8 @@ class Runner:
         self._build_engine()
         init_run_dir(cfg, replace, self.is_main)
         self.accelerator.wait_for_everyone()
+        previous = cfg.run_dir / "results.json"  # a resumed run's, written by the processes before
+        self._earlier_peak_rss = read_json(previous).get("peak_rss_mb") if previous.is_file() else None
         zero_shot = None
         if cfg.zero_shot:
             zdir = self._stage_dir("zero-shot")
@@ -316,14 +323,14 @@ class Runner:
                 continue
             records.append(self._train_and_save(stage, current))
             current = stage.index
-            self._write_results(records, zero_shot, complete=False)
-        results = self._write_results(records, zero_shot, complete=True)
+            self._write_results(records, zero_shot, complete=False, trained=True)
+        results = self._write_results(records, zero_shot, complete=True, trained=current is not None)
         if self.rank_records is not None:
             self._dump_rank_state()
         self.accelerator.wait_for_everyone()  # every process returns once the files are written
         return results
 
-    def _write_results(self, records: list[dict], zero_shot, complete: bool) -> dict:
+    def _write_results(self, records: list[dict], zero_shot, complete: bool, trained: bool) -> dict:
         cfg = self.cfg
         rows = {r["row"]: r["scores"] for r in records}
         stages = [{k: v for k, v in r.items() if k != "scores"} for r in records]
@@ -331,7 +338,11 @@ class Runner:
                                 task_metrics={t: d.metric for t, d in self.stream.items()},
                                 reference=self.reference, zero_shot=zero_shot, stages=stages,
                                 complete=complete, single=self.method.fresh_adapter_per_task)
-        results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        # the peak over the processes that worked on the run: each stage's (taken at its end), the
+        # earlier processes' of a resumed run, and this one's if it trained anything
+        peaks = [s.get("peak_rss_mb") for s in stages] + [self._earlier_peak_rss]
+        peaks = [p for p in peaks if p] + ([_peak_rss_mb()] if trained else [])
+        results["peak_rss_mb"] = max(peaks) if peaks else _peak_rss_mb()
         results["num_processes"] = self.accelerator.num_processes
         if self.is_main:
             run_dir = cfg.run_dir
