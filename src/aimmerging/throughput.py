@@ -64,8 +64,9 @@ def _cpu_attention_flops() -> dict:
     return {forward: forward_flops, backward: backward_flops}
 
 
-def count_step_flops(engine, micro_batches: Sequence[Sequence[Example]]) -> int:
-    """FLOPs of the forward and backward passes of one optimizer step (gradients are cleared)."""
+def step_flops_by_op(engine, micro_batches: Sequence[Sequence[Example]]) -> dict[str, int]:
+    """FLOPs of the forward and backward passes of one optimizer step, per torch op (e.g.
+    ``aten.mm``); gradients are cleared afterwards."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
@@ -73,7 +74,12 @@ def count_step_flops(engine, micro_batches: Sequence[Sequence[Example]]) -> int:
             engine.backward(mb, 1.0 / len(micro_batches), sync=True)
     for p in engine.params:
         p.grad = None
-    return int(counter.get_total_flops())
+    return {str(op): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+def count_step_flops(engine, micro_batches: Sequence[Sequence[Example]]) -> int:
+    """FLOPs of the forward and backward passes of one optimizer step (gradients are cleared)."""
+    return sum(step_flops_by_op(engine, micro_batches).values())
 
 
 def _batches(examples: Sequence[Example], cfg, engine, grouped: bool, steps: int,
@@ -151,13 +157,12 @@ CATEGORIES = {"aten::mm": "matmul", "aten::bmm": "matmul", "aten::addmm": "matmu
               "aten::bernoulli_": "dropout masks"}
 
 
-def time_breakdown(engine, cfg, examples: Sequence[Example], steps: int = 2, peak: float | None = None) -> dict:
+def time_breakdown(engine, cfg, examples: Sequence[Example], steps: int = 2) -> dict:
     """Profile ``steps`` training steps as the runs execute them (``torch.profiler``) and split their
     time by op category: matmuls, attention, dropout masks, everything else. Also the rate of the
-    matmuls alone (their FLOPs over their time), against the peak: what the shapes of this model
-    and batch allow, before any other cost."""
+    matmuls alone (their FLOPs over their time): what the shapes of this model and batch allow,
+    before any other cost."""
     from torch.profiler import ProfilerActivity, profile
-    from torch.utils.flop_counter import FlopCounterMode
 
     batches = _batches(examples, cfg, engine, cfg.group_by_length, steps + 1)
     optimizer = torch.optim.AdamW(engine.params, lr=1e-7)
@@ -173,18 +178,12 @@ def time_breakdown(engine, cfg, examples: Sequence[Example], steps: int = 2, pea
         if event.key in CATEGORIES:
             seconds[CATEGORIES[event.key]] += event.self_cpu_time_total / 1e6
     seconds["other"] = max(0.0, wall - sum(seconds.values()))
-    with FlopCounterMode(display=False) as counter:
-        for step in batches[1:]:
-            for mb in step:
-                engine.backward(mb, 1.0 / len(step), sync=True)
-    for p in engine.params:
-        p.grad = None
-    matmul_flops = sum(v for op, v in counter.get_flop_counts()["Global"].items()
-                       if str(op).split(".")[-1] in ("mm", "bmm", "addmm"))
+    # the counter names ops "aten.mm", the profiler "aten::mm"
+    matmul_flops = sum(n for step in batches[1:] for op, n in step_flops_by_op(engine, step).items()
+                       if CATEGORIES.get(op.replace(".", "::")) == "matmul")
     matmul_gflops = matmul_flops / seconds["matmul"] / 1e9 if seconds["matmul"] else None
     return {"steps": steps, "wall_s": wall, "shares": {k: v / wall for k, v in seconds.items()},
-            "matmul_gflops": matmul_gflops, "peak_gflops": peak,
-            "matmul_fraction_of_peak": matmul_gflops / peak if matmul_gflops and peak else None}
+            "matmul_gflops": matmul_gflops}
 
 
 def flops_per_token(engine, cfg, examples: Sequence[Example], steps: int = 2) -> float:
@@ -212,7 +211,7 @@ def main(argv: list[str]) -> int:
     peak = matmul_peak()
     study = lever_study(engine, cfg, examples, steps=steps, peak=peak)
     study["flops_per_token"] = flops_per_token(engine, cfg, examples)
-    study["breakdown"] = time_breakdown(engine, cfg, examples, peak=peak)
+    study["breakdown"] = time_breakdown(engine, cfg, examples)
     # the peak is what the machine can do: the best of the measurements before and after the
     # study (anything else running at the time can only lower a measurement)
     study["peak_measurements_gflops"] = [peak, matmul_peak()]
@@ -221,8 +220,7 @@ def main(argv: list[str]) -> int:
         row["fraction_of_peak"] = row["gflops"] / peak
     breakdown = study["breakdown"]
     breakdown["peak_gflops"] = peak
-    if breakdown["matmul_gflops"]:
-        breakdown["matmul_fraction_of_peak"] = breakdown["matmul_gflops"] / peak
+    breakdown["matmul_fraction_of_peak"] = breakdown["matmul_gflops"] / peak if breakdown["matmul_gflops"] else None
     atomic_write_json(argv[1], study)
     for row in study["rows"]:
         print(f"{row['lever']}: {row['step_s']:.2f} s/step, {row['tokens_per_s']:.0f} tokens/s, "

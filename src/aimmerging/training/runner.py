@@ -323,14 +323,14 @@ class Runner:
                 continue
             records.append(self._train_and_save(stage, current))
             current = stage.index
-            self._write_results(records, zero_shot, complete=False, trained=True)
-        results = self._write_results(records, zero_shot, complete=True, trained=current is not None)
+            self._write_results(records, zero_shot, complete=False)
+        results = self._write_results(records, zero_shot, complete=True)
         if self.rank_records is not None:
             self._dump_rank_state()
         self.accelerator.wait_for_everyone()  # every process returns once the files are written
         return results
 
-    def _write_results(self, records: list[dict], zero_shot, complete: bool, trained: bool) -> dict:
+    def _write_results(self, records: list[dict], zero_shot, complete: bool) -> dict:
         cfg = self.cfg
         rows = {r["row"]: r["scores"] for r in records}
         stages = [{k: v for k, v in r.items() if k != "scores"} for r in records]
@@ -338,10 +338,9 @@ class Runner:
                                 task_metrics={t: d.metric for t, d in self.stream.items()},
                                 reference=self.reference, zero_shot=zero_shot, stages=stages,
                                 complete=complete, single=self.method.fresh_adapter_per_task)
-        # the peak over the processes that worked on the run: each stage's (taken at its end), the
-        # earlier processes' of a resumed run, and this one's if it trained anything
-        peaks = [s.get("peak_rss_mb") for s in stages] + [self._earlier_peak_rss]
-        peaks = [p for p in peaks if p] + ([_peak_rss_mb()] if trained else [])
+        # the peak over the processes that worked on the run: each stage records its process's peak
+        # at its end; a resumed run's earlier results.json covers stages written without one
+        peaks = [p for p in [s.get("peak_rss_mb") for s in stages] + [self._earlier_peak_rss] if p]
         results["peak_rss_mb"] = max(peaks) if peaks else _peak_rss_mb()
         results["num_processes"] = self.accelerator.num_processes
         if self.is_main:
