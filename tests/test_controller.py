@@ -496,7 +496,7 @@ def test_state_dict_round_trip_continues_identically(schedule, cut):
 
 
 def test_schedules_constant():
-    assert SCHEDULES == ("reference", "paper", "fixed", "end")
+    assert SCHEDULES.names() == ["reference", "paper", "fixed", "end"]
 
 
 def test_decision_to_dict_is_json_ready():

@@ -53,10 +53,13 @@ def test_t5_spelling_is_accepted(tmp_path):
     assert list_tasks(tmp_path) == ["copa"]
 
 
-def test_plain_spelling_preferred_over_t5(tmp_path):
+def test_both_spellings_are_refused(tmp_path):
+    # silently preferring one of t.json / t_T5.json hid the other (reliability issue): a DataError now
     plain = write(tmp_path, "train", "t.json", [rec(0, "plain")])
-    write(tmp_path, "train", "t_T5.json", [rec(0, "t5")])
-    assert task_file(tmp_path, "train", "t") == plain
+    t5 = write(tmp_path, "train", "t_T5.json", [rec(0, "t5")])
+    with pytest.raises(DataError, match="two files") as e:
+        task_file(tmp_path, "train", "t")
+    assert str(plain) in str(e.value) and str(t5) in str(e.value)
     assert list_tasks(tmp_path) == ["t"]
 
 

@@ -1,8 +1,11 @@
-"""Run configuration: one flat dataclass, read from a YAML file and/or command-line flags.
+"""Run configuration: the options every run has (``RunConfig``) plus the chosen method's own
+settings (its ``Settings`` dataclass), read from a YAML file and/or command-line flags.
 
-Every field is a flag (``lora_r`` -> ``--lora-r``) and a YAML key (``lora_r:`` or ``lora-r:``).
+Every option is a flag (``lora_r`` -> ``--lora-r``) and a YAML key (``lora_r:`` or ``lora-r:``).
 Precedence: defaults < YAML file (``--config``) < flags. Unknown keys and ill-typed values are
-errors. The fully resolved config is saved as ``config.yaml`` in the run directory.
+errors; options of another method than the chosen one are checked and ignored (a shared YAML
+file may set them for every method). The fully resolved config (core options and the method's
+settings, flat) is saved as ``config.yaml`` in the run directory.
 
 Batch sizes are global (over all processes), so one config means the same training on one
 process or on N.
@@ -14,27 +17,28 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import typing
+import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
-from .controller import SCHEDULES, ControllerConfig
 from .errors import ConfigError
+from .methods import METHODS, Method, load_builtin_methods, resolve_method
+from .settings import build, check_choices, coerce, option, option_fields
 
-METHODS = ("seq", "replay", "mtl", "single", "aimmerging", "merge-fixed", "merge-end")
+METRIC_NAMES = ("exact_match", "rougeL")
 # Fields that do not change what a run computes: they may differ when a run is resumed.
 NON_RESULT_FIELDS = frozenset({"output_dir", "overwrite", "progress", "threads", "fwt_reference"})
+SEED_MAX = 2**32 - 1
 
 
-def _f(default, help: str, group: str, choices: tuple | None = None, **kw):
-    return field(default=default, metadata={"help": help, "group": group, "choices": choices, **kw})
+def _f(default, help: str, group: str, choices: tuple | None = None):
+    return option(default, help, choices, group=group)
 
 
 def _lf(help: str, group: str):
-    return field(default=None, metadata={"help": help, "group": group, "choices": None})
+    return option(None, help, None, group=group)
 
 
 @dataclass
@@ -59,7 +63,7 @@ class RunConfig:
     lora_dropout: float = _f(0.05, "LoRA dropout", "model")
     lora_targets: Optional[list[str]] = _lf("modules to adapt (default: PEFT's per-architecture choice, q,v / q_proj,v_proj)", "model")
     # -- training --------------------------------------------------------------------------------
-    method: str = _f("seq", "continual-learning method", "training", METHODS)
+    method: str = _f("seq", "continual-learning method: a registered name or an import path module:Class", "training")
     epochs: int = _f(10, "epochs per task (ignored when --max-steps is given)", "training")
     max_steps: Optional[int] = _f(None, "optimizer steps per task; mtl gets this x the number of tasks (default: epochs x floor(ceil(N/micro)/accum))", "training")
     batch_size: int = _f(32, "examples per optimizer step (global, over all processes)", "training")
@@ -72,32 +76,10 @@ class RunConfig:
     adam_beta2: float = _f(0.999, "AdamW beta2", "training")
     adam_eps: float = _f(1e-8, "AdamW epsilon", "training")
     group_by_length: bool = _f(False, "group training examples of similar length into micro-batches (less padding)", "training")
-    replay_ratio: float = _f(0.25, "replay method: memory examples added per current-task example in each micro-batch", "training")
-    memory_batch_size: int = _f(32, "memory examples per forgetting probe and per replay step", "training")
+    memory_batch_size: int = _f(32, "memory examples per forgetting probe and per replay step", "stream")
     select_best_every: Optional[int] = _f(None, "every N steps compute the validation loss and keep the best adapter (reference: 40)", "training")
     val_per_task: int = _f(25, "validation examples per seen task (dev split) for --select-best-every", "training")
     seed: int = _f(42, "seed of everything (sampling, data order, LoRA init, dropout)", "training")
-    # -- merging (aimmerging, merge-fixed, merge-end) -----------------------------------------------
-    schedule: str = _f("reference", "aimmerging interval schedule: reference code or paper description", "merging", ("reference", "paper"))
-    initial_interval: int = _f(8, "S0: first planned merge interval of every task (merge-fixed: the interval)", "merging")
-    initial_outer_steps: int = _f(8, "O0: replay steps per merge until the interval adapts", "merging")
-    min_interval: int = _f(2, "S_min", "merging")
-    max_interval: int = _f(128, "S_max", "merging")
-    cold_start: int = _f(3, "merges per task that only record the learning signal", "merging")
-    threshold_factor: float = _f(2.0, "forgetting threshold = factor x mean of the window's history losses", "merging")
-    early_merge_signals: int = _f(3, "merge before the planned step once this many forgetting signals fired", "merging")
-    adaptive: bool = _f(True, "adapt the merge interval from the learning signal", "merging")
-    signal_normalizer: str = _f("planned", "learning signal = sum|delta_in| / planned S (reference) or elapsed steps", "merging", ("planned", "elapsed"))
-    trend_window: int = _f(3, "paper schedule: L_w, merges in the trend window", "merging")
-    gamma_minus: float = _f(2.0, "paper schedule: shrink factor on an upward trend", "merging")
-    gamma_plus: float = _f(2.0, "paper schedule: growth factor on a downward trend", "merging")
-    balance_band: float = _f(0.05, "paper schedule: relative slope within +-band counts as balanced", "merging")
-    fixed_w_in: float = _f(0.5, "merge-fixed/merge-end: weight of the new-task update", "merging")
-    fixed_w_out: float = _f(0.5, "merge-fixed/merge-end: weight of the replay update", "merging")
-    end_outer_steps: Optional[int] = _f(None, "merge-end: replay steps at the task end (default floor(steps/S0) x O0)", "merging")
-    probe_mode: str = _f("train", "forgetting probe: 'train' (reference: dropout on, loss / accumulation) or 'eval'", "merging", ("train", "eval"))
-    outer_optimizer: str = _f("inner", "replay steps use the task's optimizer at its current LR (reference) or a separate AdamW", "merging", ("inner", "separate"))
-    outer_lr: float = _f(1e-3, "learning rate of the separate replay optimizer (--outer-optimizer separate)", "merging")
     # -- evaluation --------------------------------------------------------------------------------
     eval_batch_size: int = _f(16, "prompts per generation batch", "evaluation")
     max_new_tokens: Optional[int] = _f(None, "generation length (default: longest answer of the task's training set + EOS)", "evaluation")
@@ -112,6 +94,8 @@ class RunConfig:
     progress: bool = _f(True, "progress bars", "run")
     threads: Optional[int] = _f(None, "torch CPU threads (default: torch's choice)", "run")
     mixed_precision: str = _f("no", "accelerate mixed precision", "run", ("no", "bf16", "fp16"))
+    # -- the chosen method's own settings (an instance of its Settings dataclass, or None) ---------
+    settings: Any = field(default=None, repr=False, compare=False)
 
     # -------------------------------------------------------------------------------------------------
     def validate(self) -> "RunConfig":
@@ -119,11 +103,7 @@ class RunConfig:
             if not cond:
                 raise ConfigError(msg)
 
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value not in choices:
-                raise ConfigError(f"{f.name}: '{value}' is not one of {', '.join(choices)}")
+        check_choices(self)
         positive = ("order", "epochs", "batch_size", "micro_batch_size", "max_input_tokens", "max_target_tokens",
                     "lora_r", "lora_alpha", "memory_batch_size", "eval_batch_size", "val_per_task")
         for name in positive:
@@ -131,24 +111,24 @@ class RunConfig:
         for name in ("train_cap", "eval_cap", "max_steps", "select_best_every", "max_new_tokens", "threads", "memory_cap_per_task"):
             v = getattr(self, name)
             need(v is None or v > 0, f"{name}: must be > 0, got {v}")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            need(not (isinstance(v, float) and not math.isfinite(v)), f"{f.name}: must be a finite number, got {v}")
         need(self.max_target_tokens >= 2, "max_target_tokens: must be >= 2 (answer + EOS)")
         need(self.batch_size % self.micro_batch_size == 0,
              f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
         need(self.lr > 0, "lr: must be > 0")
         need(0 <= self.lora_dropout < 1, "lora_dropout: must be in [0, 1)")
         need(0 < self.memory_ratio <= 100, "memory_ratio: a percentage in (0, 100]")
-        need(self.replay_ratio >= 0, "replay_ratio: must be >= 0")
         need(self.warmup_steps >= 0 and self.weight_decay >= 0 and self.max_grad_norm > 0,
              "warmup_steps and weight_decay must be >= 0, max_grad_norm > 0")
+        need(0 <= self.adam_beta1 < 1, f"adam_beta1: must be in [0, 1), got {self.adam_beta1}")
+        need(0 <= self.adam_beta2 < 1, f"adam_beta2: must be in [0, 1), got {self.adam_beta2}")
+        need(self.adam_eps > 0, f"adam_eps: must be > 0, got {self.adam_eps}")
+        need(0 <= self.seed <= SEED_MAX, f"seed: must be in [0, {SEED_MAX}], got {self.seed}")
         if self.metric:
-            from .evaluation.scoring import METRICS
-
             for task, m in self.metric.items():
-                need(m in METRICS, f"metric: '{m}' for task '{task}' is not one of {', '.join(METRICS)}")
-        try:
-            self.controller_config()
-        except ValueError as e:
-            raise ConfigError(f"merging options: {e}") from None
+                need(m in METRIC_NAMES, f"metric: '{m}' for task '{task}' is not one of {', '.join(METRIC_NAMES)}")
         return self
 
     @property
@@ -159,107 +139,102 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.output_dir or f"runs/{self.method}")
 
-    def controller_config(self) -> ControllerConfig:
-        schedule = {"merge-fixed": "fixed", "merge-end": "end"}.get(self.method, self.schedule)
-        assert schedule in SCHEDULES
-        names = {f.name for f in fields(ControllerConfig)} - {"schedule"}
-        return ControllerConfig(schedule=schedule, **{n: getattr(self, n) for n in names})
+    @property
+    def method_class(self) -> type[Method]:
+        return resolve_method(self.method)
+
+    def make_method(self) -> Method:
+        return self.method_class(self.settings)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Core options and the method's settings, flat (what ``config.yaml`` holds)."""
+        out = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "settings"}
+        if self.settings is not None:
+            out.update({k: _plain(v) for k, v in dataclasses.asdict(self.settings).items()})
+        return out
 
     def fingerprint(self) -> dict[str, Any]:
-        """The fields that decide what a run computes (a resumed run must match them)."""
-        return {k: v for k, v in self.to_dict().items() if k not in NON_RESULT_FIELDS}
+        """The options that decide what a run computes (a resumed run must match them), with
+        paths normalised (``data/`` and ``data`` are the same directory)."""
+        out = {k: v for k, v in self.to_dict().items() if k not in NON_RESULT_FIELDS}
+        if out.get("data_dir"):
+            out["data_dir"] = os.path.normpath(out["data_dir"])
+        return out
 
     def fingerprint_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _plain(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
 # -- building a config from YAML and flags ----------------------------------------------------------
-_HINTS = typing.get_type_hints(RunConfig)
-FIELDS = {f.name: f for f in fields(RunConfig)}
+FIELDS = {name: f for name, f in option_fields(RunConfig).items()}
 
 
-def _base_type(name: str):
-    hint = _HINTS[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return (args[0] if typing.get_origin(hint) is typing.Union else hint)
-
-
-def coerce(name: str, value: Any) -> Any:
-    """Convert a YAML or flag value to the field's type; raise ConfigError naming the field."""
-    base = _base_type(name)
-    if value is None:
-        if typing.get_origin(_HINTS[name]) is typing.Union:
-            return None
-        raise ConfigError(f"{name}: a value is required")
-    origin = typing.get_origin(base)
-    try:
-        if base is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-                return value.lower() in ("true", "yes", "1")
-            raise ValueError
-        if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if base is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if base is str:
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            return str(value)
-        if origin is list:
-            items = value.split(",") if isinstance(value, str) else value
-            if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
-                raise ValueError
-            items = [x.strip() for x in items if x.strip()]
-            return items or None
-        if base is dict:
-            if isinstance(value, str):
-                pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
-                if any(len(p) != 2 for p in pairs):
-                    raise ValueError
-                value = {k.strip(): v.strip() for k, v in pairs}
-            if not isinstance(value, dict):
-                raise ValueError
-            return {str(k): str(v) for k, v in value.items()} or None
-    except (TypeError, ValueError):
-        pass
-    kind = {list: "a comma-separated list", dict: "TASK=VALUE pairs"}.get(origin or base, getattr(base, "__name__", str(base)))
-    raise ConfigError(f"{name}: expected {kind}, got {value!r}")
+def method_option_owners() -> dict[str, type]:
+    """Every method option name -> the Settings class declaring it (over all registered methods)."""
+    load_builtin_methods()
+    owners: dict[str, type] = {}
+    for _, cls in METHODS.items():
+        if cls.Settings is not None:
+            for name in option_fields(cls.Settings):
+                owners.setdefault(name, cls.Settings)
+    return owners
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must be a mapping of option: value")
-    return data
+    from .io import read_yaml_mapping
+
+    return read_yaml_mapping(path, "config file")
 
 
 def build_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
-                 source: str = "config") -> RunConfig:
-    """Defaults, then ``yaml_values``, then ``overrides`` (flags); everything coerced and validated."""
-    values: dict[str, Any] = {}
+                 source: str = "config", method: str | type[Method] | Method | None = None) -> RunConfig:
+    """Defaults, then ``yaml_values``, then ``overrides`` (flags); everything coerced and validated.
+    ``method`` (a class or an instance, from the Python API) wins over a ``method`` key."""
+    merged: dict[str, tuple[str, Any]] = {}
     for origin, mapping in ((source, yaml_values or {}), ("flags", overrides or {})):
         for key, value in mapping.items():
-            name = str(key).replace("-", "_")
-            if name not in FIELDS:
-                close = difflib.get_close_matches(name, FIELDS, n=3, cutoff=0.6)
-                hint = f" (did you mean {', '.join(close)}?)" if close else ""
-                raise ConfigError(f"{origin}: unknown option '{key}'{hint}")
-            values[name] = coerce(name, value)
-    return RunConfig(**values).validate()
+            merged[str(key).replace("-", "_")] = (origin, value)
+    if method is not None:
+        merged["method"] = ("api", method if isinstance(method, str) else _method_label(method))
+    method_spec = method if method is not None and not isinstance(method, str) else merged.get("method", (None, "seq"))[1]
+    if not isinstance(method_spec, (str, type, Method)):
+        raise ConfigError(f"method: expected a name, got {method_spec!r}")
+    method_cls = resolve_method(method_spec)
+    own = option_fields(method_cls.Settings) if method_cls.Settings is not None else {}
+    owners = method_option_owners()
+    core: dict[str, Any] = {}
+    mine: dict[str, Any] = {}
+    for name, (origin, value) in merged.items():
+        if name == "settings":
+            raise ConfigError(f"{origin}: unknown option 'settings'")
+        if name in FIELDS:
+            core[name] = coerce(RunConfig, name, value)
+        elif name in own:
+            mine[name] = value
+        elif name in owners:
+            coerce(owners[name], name, value)  # checked, then ignored: it belongs to another method
+        else:
+            known = [*FIELDS, *own, *owners]
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{origin}: unknown option '{name}'{hint}")
+    if isinstance(method_spec, Method):
+        settings = method_spec.settings
+    elif method_cls.Settings is not None:
+        settings = build(method_cls.Settings, mine, origin=f"{method_cls.name} settings")
+    else:
+        settings = None
+    return RunConfig(**core, settings=settings).validate()
+
+
+def _method_label(method: type[Method] | Method) -> str:
+    """What config.yaml records for a method given as a class or an instance: its registered name,
+    else its import path (so ``aimmerging run --config`` can resume it)."""
+    cls = method if isinstance(method, type) else type(method)
+    if cls.name in METHODS and METHODS.get(cls.name) is cls:
+        return cls.name
+    return f"{cls.__module__}:{cls.__qualname__}"

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .config import build_config
-from .reporting.results import summary_markdown
+from .runs.results import summary_markdown
 
 DEMO_SETTINGS = {
     "benchmark": "synthetic",
@@ -33,9 +33,9 @@ METHODS = ("seq", "aimmerging")
 
 def run_demo(output_dir: str | Path = "runs/demo", model: str = "smollm2-135m", max_steps: int | None = None,
              progress: bool = True, threads: int | None = None) -> dict[str, dict]:
-    """Train both methods (resuming whatever is already done), plot, and return their results."""
-    from .reporting.plots import plot_run
-    from .training.runner import run
+    """Train both methods (resuming whatever is already done) and return their results (the
+    caller draws the plots: ``aimmerging demo`` does)."""
+    from .runs.runner import run_config
 
     out = Path(output_dir)
     results = {}
@@ -45,9 +45,9 @@ def run_demo(output_dir: str | Path = "runs/demo", model: str = "smollm2-135m", 
         if max_steps is not None:
             settings["max_steps"] = max_steps
         start = time.perf_counter()
-        results[method] = run(build_config(settings))
+        results[method] = dict(run_config(build_config(settings)).results)
         results[method]["demo_wall_s"] = time.perf_counter() - start
-        results[method]["plots"] = [str(p) for p in plot_run(out / method)]
+        results[method]["run_dir"] = str(out / method)
     return results
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 
-def register(sub) -> None:
+def register(sub, argv=None) -> None:
     p = sub.add_parser("plot", help="PNG plots of a run (accuracy matrix, per-task losses, merges) into RUN_DIR/plots/")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by 'aimmerging run' (--output-dir)")
     p.set_defaults(func=cmd_plot)

@@ -26,6 +26,8 @@ only has to run on the last positions); seq2seq batches are right-padded.
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -59,7 +61,7 @@ class Formatter:
     """Turns examples into model inputs for one tokenizer and model kind (``causal``/``seq2seq``)."""
 
     def __init__(self, tokenizer, kind: str, max_input_tokens: int = 1024, max_target_tokens: int = 128,
-                 prompt_format: str = "plain"):
+                 prompt_format: str = "plain", pad_to: int | None = None):
         if kind not in ("causal", "seq2seq"):
             raise ValueError(f"unknown model kind {kind!r}")
         if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
@@ -74,7 +76,13 @@ class Formatter:
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._cache: dict[tuple[str, str], Encoded] = {}
-        self.pad_to: int | None = None  # pad every training batch to this width (only for the throughput study)
+        self.pad_to = pad_to  # pad every causal training batch to at least this width (None: the longest)
+
+    def padded_to(self, width: int | None) -> "Formatter":
+        """A copy that pads every training batch to ``width`` (sharing the encoding cache)."""
+        other = copy.copy(self)
+        other.pad_to = width
+        return other
 
     # -- token ids -------------------------------------------------------------------------
     def prompt_ids(self, text: str) -> list[int]:

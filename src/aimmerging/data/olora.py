@@ -16,6 +16,7 @@ from pathlib import Path
 from ..errors import DataError
 
 SPLITS = ("train", "dev", "test")
+RUN_SPLITS = ("train", "test")  # read by every run (dev only with model selection or --eval-split dev)
 REQUIRED_FIELDS = ("id", "input", "output")
 
 
@@ -28,12 +29,16 @@ class Example:
 
 
 def task_file(data_dir: str | Path, split: str, task: str) -> Path | None:
-    """The file holding ``split`` of ``task``, or None when there is none."""
-    for name in (f"{task}.json", f"{task}_T5.json"):
-        path = Path(data_dir) / split / name
-        if path.is_file():
-            return path
-    return None
+    """The file holding ``split`` of ``task``, or None when there is none.
+
+    Both spellings side by side (``t.json`` and ``t_T5.json``) is a DataError: picking one would
+    silently train or score on data the user may not have meant (often an old copy)."""
+    found = [Path(data_dir) / split / name for name in (f"{task}.json", f"{task}_T5.json")]
+    found = [path for path in found if path.is_file()]
+    if len(found) > 1:
+        raise DataError(f"{found[0]} and {found[1]}: two files for {split} of task '{task}'; "
+                        "keep one of them")
+    return found[0] if found else None
 
 
 def list_tasks(data_dir: str | Path) -> list[str]:
@@ -112,8 +117,9 @@ def validate_dir(data_dir: str | Path) -> tuple[dict[str, dict[str, SplitReport]
     """Check a whole data directory.
 
     Returns (report, errors, warnings): per task and split the example count and label counts,
-    the problems that make a file unusable, and oddities worth knowing (a split missing, a label
-    in dev/test never seen in train).
+    the problems that make a file unusable or a task unrunnable (a file missing from a split every
+    run reads: train and test), and oddities worth knowing (no dev file, which only model selection
+    reads; a label in dev/test never seen in train).
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -127,9 +133,13 @@ def validate_dir(data_dir: str | Path) -> tuple[dict[str, dict[str, SplitReport]
     for task in tasks:
         report[task] = {}
         for split in SPLITS:
-            path = task_file(data_dir, split, task)
+            try:
+                path = task_file(data_dir, split, task)
+            except DataError as e:
+                errors.append(str(e))
+                continue
             if path is None:
-                (errors if split == "train" else warnings).append(f"{task}: no {split} file")
+                (errors if split in RUN_SPLITS else warnings).append(f"{task}: no {split} file")
                 continue
             records, problems = parse_task_file(path)
             errors.extend(problems)

@@ -1,68 +1,149 @@
-"""Load the data of a task stream: capped training and test sets, dev sets for validation, and
-what evaluation needs per task (metric, answer lengths)."""
+"""Task streams: where a run's examples come from, and the per-task data a run trains on.
+
+A :class:`TaskStream` is an ordered list of task names and a way to read each task's splits
+(``train``, ``dev``, ``test``), each a list of :class:`~aimmerging.data.olora.Example`. Three
+kinds are built in:
+
+* :meth:`TaskStream.from_olora` - an O-LoRA data directory (``<dir>/{train,dev,test}/<task>.json``),
+  files read when first needed (a missing dev split only matters to model selection);
+* :meth:`TaskStream.synthetic` - the built-in synthetic stream (``aimmerging.data.synthetic``);
+* :meth:`TaskStream.from_examples` - in memory: ``{task: {"train": [...], "test": [...], "dev": [...]}}``
+  with ``{"input", "output"}`` dicts (an ``id`` is optional) or ``datasets.Dataset`` objects with
+  those columns.
+
+:func:`prepare_tasks` turns a stream into what a run uses: class-balanced, seeded caps of the
+training and evaluation sets, the dev split when model selection needs it, and each task's metric.
+"""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-from ..config import RunConfig
-from ..errors import ConfigError
-from ..evaluation.scoring import choose_metric
-from .benchmarks import SYNTHETIC
-from .olora import Example, read_task
+from ..errors import DataError
+from .olora import SPLITS, Example, read_task
 from .sampling import balanced_subsample
 
 # Test files that are copies of the dev files in ../shared/data/long_sequence (see its README).
 DEV_IS_TEST = frozenset({"dbpedia", "yahoo"})
 
 
+class TaskStream:
+    """An ordered task stream; ``split(task, name)`` returns that split's examples (DataError when
+    the stream has none)."""
+
+    def __init__(self, tasks: Sequence[str], reader: Callable[[str, str], list[Example]], description: str = "custom"):
+        if len(set(tasks)) != len(tasks):
+            raise DataError(f"tasks: a task is listed twice in {list(tasks)}")
+        if not tasks:
+            raise DataError("a task stream needs at least one task")
+        self.tasks = list(tasks)
+        self.description = description
+        self._reader = reader
+        self._cache: dict[tuple[str, str], list[Example]] = {}
+
+    def split(self, task: str, name: str) -> list[Example]:
+        if task not in self.tasks:
+            raise DataError(f"task '{task}' is not in the stream ({', '.join(self.tasks)})")
+        key = (task, name)
+        if key not in self._cache:
+            self._cache[key] = self._reader(task, name)
+        return self._cache[key]
+
+    def __repr__(self) -> str:
+        return f"TaskStream({self.description}: {', '.join(self.tasks)})"
+
+    # -- constructors -----------------------------------------------------------------------------
+    @classmethod
+    def from_olora(cls, data_dir: str | Path, tasks: Sequence[str]) -> "TaskStream":
+        """``tasks`` of an O-LoRA data directory, in this order."""
+        return cls(tasks, lambda task, split: read_task(data_dir, split, task), f"O-LoRA directory {data_dir}")
+
+    @classmethod
+    def synthetic(cls, seed: int = 42, tasks: Sequence[str] | None = None) -> "TaskStream":
+        """The built-in synthetic stream (three code tables), generated from ``seed``."""
+        from .synthetic import TASKS, generate
+
+        return cls(list(tasks or TASKS), lambda task, split: generate(task, split, seed=seed), "synthetic")
+
+    @classmethod
+    def from_examples(cls, data: Mapping[str, Mapping[str, Any]]) -> "TaskStream":
+        """In-memory tasks: ``{task: {split: examples}}`` where examples are ``{"input", "output"}``
+        mappings (``id`` optional) or a ``datasets.Dataset`` with those columns."""
+        if not isinstance(data, Mapping) or not data:
+            raise DataError("a task stream mapping needs at least one task: {task: {'train': [...], 'test': [...]}}")
+        parsed: dict[str, dict[str, list[Example]]] = {}
+        for task, splits in data.items():
+            if not isinstance(splits, Mapping):
+                raise DataError(f"task '{task}': expected a mapping of split -> examples, got {type(splits).__name__}")
+            unknown = set(splits) - set(SPLITS)
+            if unknown:
+                raise DataError(f"task '{task}': unknown split(s) {', '.join(sorted(map(str, unknown)))} (splits: {', '.join(SPLITS)})")
+            parsed[str(task)] = {split: _to_examples(str(task), split, rows) for split, rows in splits.items()}
+
+        def reader(task: str, split: str) -> list[Example]:
+            if split not in parsed[task]:
+                raise DataError(f"task '{task}' has no {split} split")
+            return parsed[task][split]
+
+        return cls(list(parsed), reader, "in-memory examples")
+
+
+def _to_examples(task: str, split: str, rows: Iterable[Any]) -> list[Example]:
+    examples: list[Example] = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise DataError(f"task '{task}', {split} item {i}: expected a mapping with 'input' and 'output', "
+                            f"got {type(row).__name__}")
+        for key in ("input", "output"):
+            if not isinstance(row.get(key), str):
+                raise DataError(f"task '{task}', {split} item {i}: field '{key}' missing or not a string")
+        if not row["input"].strip():
+            raise DataError(f"task '{task}', {split} item {i}: field 'input' is empty")
+        examples.append(Example(id=str(row.get("id", f"{task}-{split}-{i}")), input=row["input"],
+                                output=row["output"], task=task))
+    if not examples:
+        raise DataError(f"task '{task}': the {split} split is empty")
+    return examples
+
+
 @dataclass
 class TaskData:
     name: str
     train: list[Example]  # capped, class-balanced
-    test: list[Example]  # capped, class-balanced
+    test: list[Example]  # capped, class-balanced (the evaluation split)
     dev: list[Example] | None  # only loaded when validation is needed
     outputs: frozenset[str]  # distinct outputs of the full training set
     metric: str
 
 
-def _split(cfg: RunConfig, task: str, split: str) -> list[Example]:
-    if cfg.benchmark == SYNTHETIC and not cfg.data_dir:
-        from .synthetic import generate
-
-        return generate(task, split, seed=cfg.seed)
-    if not cfg.data_dir:
-        raise ConfigError("data_dir: required for this task stream (--data-dir DIR)")
-    return read_task(cfg.data_dir, split, task)
-
-
-def load_stream(cfg: RunConfig, tasks: list[str]) -> dict[str, TaskData]:
-    """Read and check every file the run needs before any training starts."""
-    stream: dict[str, TaskData] = {}
-    for task in tasks:
-        train_full = _split(cfg, task, "train")
-        test_full = _split(cfg, task, cfg.eval_split)
-        dev = _split(cfg, task, "dev") if cfg.select_best_every else None
-        outputs = frozenset(e.output for e in train_full)
-        metric = (cfg.metric or {}).get(task) or choose_metric(task, (e.output for e in train_full))
-        stream[task] = TaskData(
+def prepare_tasks(stream: TaskStream, *, seed: int, train_cap: Optional[int] = None, eval_cap: Optional[int] = None,
+                  eval_split: str = "test", need_dev: bool = False,
+                  metric_for: Callable[[str, list[Example]], str]) -> dict[str, TaskData]:
+    """Read and check every split the run needs before any training starts; ``metric_for(task,
+    full training set)`` names each task's metric."""
+    out: dict[str, TaskData] = {}
+    for task in stream.tasks:
+        train_full = stream.split(task, "train")
+        test_full = stream.split(task, eval_split)
+        out[task] = TaskData(
             name=task,
-            train=balanced_subsample(train_full, cfg.train_cap, f"{cfg.seed}-train-{task}"),
-            test=balanced_subsample(test_full, cfg.eval_cap, f"{cfg.seed}-test-{task}"),
-            dev=dev, outputs=outputs, metric=metric)
-    unknown = set(cfg.metric or {}) - set(tasks)
-    if unknown:
-        raise ConfigError(f"metric: override for task(s) not in the stream: {', '.join(sorted(unknown))}")
-    return stream
+            train=balanced_subsample(train_full, train_cap, f"{seed}-train-{task}"),
+            test=balanced_subsample(test_full, eval_cap, f"{seed}-test-{task}"),
+            dev=stream.split(task, "dev") if need_dev else None,
+            outputs=frozenset(e.output for e in train_full),
+            metric=metric_for(task, train_full))
+    return out
 
 
-def validation_set(stream: dict[str, TaskData], seen: list[str], per_task: int, seed: int) -> list[Example]:
+def validation_set(tasks: dict[str, TaskData], seen: list[str], per_task: int, seed: int) -> list[Example]:
     """Reference validation set: the first ``per_task`` of each seen task's shuffled dev split,
     concatenated and shuffled (ALGORITHM.md §2.2)."""
     val: list[Example] = []
     for task in seen:
-        dev = list(stream[task].dev or [])
+        dev = list(tasks[task].dev or [])
         random.Random(f"val-{seed}-{task}").shuffle(dev)
         val.extend(dev[:per_task])
     random.Random(f"val-{seed}").shuffle(val)

@@ -1,32 +1,130 @@
-"""The hooks a continual-learning method can use. A method is a small class: flags that tell
-the runner how to build the stream, and hooks the training loop calls (see training/loop.py)."""
+"""What a continual-learning method is: a small class with settings, flags and hooks.
+
+A method subclasses :class:`Method`, sets ``name`` (its registry name), optionally a ``Settings``
+dataclass (its own options, declared with :func:`aimmerging.settings.option`: they become flags
+and YAML keys), and overrides the hooks it needs. The training loop calls, per stage (one task,
+or all tasks at once for a ``joint`` method):
+
+* ``before_task(view)`` once before the first step;
+* per inner optimizer step: ``extra_examples(view, micro_batch)`` for every micro-batch (replay
+  mixing), ``extra_loss(view, inputs)`` for every micro-batch's forward pass (regularisers,
+  distillation, orthogonality terms), then after the update ``after_step(view, record)``
+  (probes, merges; may fill the step's trace record and return extra records);
+* ``after_task(view)`` once after the last step (may return trace records), then
+  ``task_end_adapter(view)``, which may return new adapter values (task-arithmetic style merges):
+  those are evaluated, saved and carried on to the next task.
+
+Methods see the training state only through the :class:`TrainingView` they are handed. A
+method's state that must survive a resume (e.g. an accumulated Fisher matrix) goes in
+``state_dict()``; it is saved with every stage and given back with ``load_state_dict()``.
+"""
 
 from __future__ import annotations
 
-from ..config import RunConfig
+import random
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Protocol, Sequence
+
+import torch
+
+from ..data.memory import ReplayMemory
 from ..data.olora import Example
 
 
+@dataclass(frozen=True)
+class StageInfo:
+    index: int  # 0-based position in the run
+    name: str  # the task's name ("all" for a joint stage)
+    train_tasks: tuple[str, ...]  # the tasks this stage trains on
+
+
+@dataclass
+class LossInputs:
+    """One micro-batch's forward pass on this process, for ``extra_loss``: the examples of this
+    process's share, the logits of the answer positions and their labels (-100 where ignored)."""
+
+    examples: Sequence[Example]
+    logits: torch.Tensor  # (batch, positions, vocab)
+    labels: torch.Tensor  # (batch, positions)
+    scale: float  # what the micro-batch's loss is multiplied by (1 / accumulation steps)
+
+
+class TrainingView(Protocol):
+    """What a method may read and do while a stage trains (implemented by the training loop)."""
+
+    stage: StageInfo
+    step: int  # the inner step just taken (0 before the first)
+    max_steps: int
+    seed: int
+    grad_accum: int  # micro-batches per optimizer step
+    params: list[torch.nn.Parameter]  # the trainable LoRA tensors, in a fixed order
+    model: Any  # the PEFT model (for extra forward passes, e.g. a teacher's)
+    memory: ReplayMemory  # examples of earlier tasks (empty unless the method ``uses_memory``)
+    optimizer: torch.optim.Optimizer  # the stage's optimizer
+
+    def rng(self, name: str) -> random.Random:
+        """A random stream of this stage, seeded from the run seed, the stage and ``name``; the same
+        on every process."""
+
+    def mean_loss(self, examples: Sequence[Example], train_mode: bool) -> float:
+        """Mean answer-token loss of ``examples``, no gradients (dropout on in train mode)."""
+
+    def update(self, examples: Sequence[Example], optimizer: torch.optim.Optimizer, loss_scale: float) -> Optional[float]:
+        """One optimizer update on ``examples`` (as one batch, chunked into micro-batches); the
+        stage's LR scheduler is not stepped. Returns the mean loss, None when it was skipped."""
+
+    def timed(self, category: str) -> AbstractContextManager:
+        """Count the wall time of a block under ``category`` in the run's cost table."""
+
+    def emit(self, record: dict) -> None:
+        """Append a record to the stage's trace (``task`` and ``task_index`` are added)."""
+
+
 class Method:
-    name = "base"
-    uses_memory = False  # give the stage a replay memory built from earlier tasks' training sets
-    fresh_adapter_per_task = False  # start every task from the initial adapter (``single``)
-    joint = False  # one stage on all tasks together (``mtl``)
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""  # where the method comes from (README table)
+    summary: ClassVar[str] = ""  # one line on what it does (README table, --help)
+    Settings: ClassVar[Optional[type]] = None  # dataclass of the method's own options
+    uses_memory: ClassVar[bool] = False  # give every stage a replay memory of earlier tasks
+    fresh_adapter_per_task: ClassVar[bool] = False  # start every task from the initial adapter (``single``)
+    joint: ClassVar[bool] = False  # one stage on all tasks together (``mtl``)
+    in_bench: ClassVar[bool] = True  # compared by ``aimmerging bench`` (reference runs such as ``single`` are not)
 
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
+    def __init__(self, settings: Any = None):
+        if settings is None and self.Settings is not None:
+            settings = self.Settings()
+        self.settings = settings
 
-    def before_task(self, session) -> None:
+    def before_task(self, view: TrainingView) -> None:
         """Called once before the first step of a stage."""
 
-    def extra_examples(self, session, micro_batch: list[Example]) -> list[Example]:
+    def extra_examples(self, view: TrainingView, micro_batch: list[Example]) -> list[Example]:
         """Examples to add to a training micro-batch (replay mixing)."""
         return []
 
-    def after_step(self, session, record: dict) -> list[dict] | None:
+    def extra_loss(self, view: TrainingView, inputs: LossInputs) -> Optional[torch.Tensor]:
+        """A scalar added to the training loss of this micro-batch (before the accumulation
+        scaling, which the loop applies), or None. Under several processes every process adds its
+        own term and DDP averages the gradients."""
+        return None
+
+    def after_step(self, view: TrainingView, record: dict) -> list[dict] | None:
         """Called after every inner optimizer step; may fill ``record`` and return extra trace records."""
         return None
 
-    def after_task(self, session) -> list[dict] | None:
-        """Called once after the last step of a stage."""
+    def after_task(self, view: TrainingView) -> list[dict] | None:
+        """Called once after the last step of a stage; may return trace records."""
         return None
+
+    def task_end_adapter(self, view: TrainingView) -> Optional[list[torch.Tensor]]:
+        """New values for ``view.params`` at the end of the stage (evaluated, saved and carried on),
+        or None to keep the trained adapter."""
+        return None
+
+    def state_dict(self) -> dict:
+        """State to keep across stages when a run resumes (tensors and plain values)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned (called on resume before the next stage)."""

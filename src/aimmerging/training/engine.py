@@ -18,14 +18,17 @@ import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..data.formatting import IGNORE_INDEX, Formatter
 from ..data.olora import Example
+from ..methods.base import LossInputs
 from ..models.lora import lora_parameters
+
+ExtraLoss = Callable[[LossInputs], Optional[torch.Tensor]]
 
 
 class Timers:
@@ -47,7 +50,8 @@ class Timers:
 
 
 class Engine:
-    def __init__(self, model, formatter: Formatter, accelerator, *, micro_batch_size: int, max_grad_norm: float):
+    def __init__(self, model, formatter: Formatter, accelerator, *, micro_batch_size: int, max_grad_norm: float,
+                 full_logits: bool = False):
         self.model = model  # as prepared by accelerate (DDP-wrapped under several processes)
         self.peft_model = accelerator.unwrap_model(model)
         self.formatter = formatter
@@ -57,7 +61,7 @@ class Engine:
         self.params = lora_parameters(self.peft_model)
         forward = inspect.signature(self.peft_model.get_base_model().forward).parameters
         self._keep_logits = "logits_to_keep" in forward
-        self.full_logits = False  # compute the LM head on every position (only for the throughput study)
+        self.full_logits = full_logits  # compute the LM head on every position, not only the answers
         self._position_ids = "position_ids" in forward
 
     # -- losses ------------------------------------------------------------------------------------
@@ -71,6 +75,10 @@ class Engine:
         """Summed token cross-entropy of the answer tokens of ``examples`` (this process's share).
         ``masked``: every label ignored, so the loss and its gradient are exactly zero (the
         stand-in forward pass of a process with an empty share)."""
+        return self._local_forward(examples, masked)[0]
+
+    def _local_forward(self, examples: Sequence[Example], masked: bool = False):
+        """(summed answer loss, logits of the answer positions, their labels) of ``examples``."""
         batch = {k: v.to(self.accelerator.device) for k, v in self.formatter.collate(examples).items()}
         if masked:
             batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
@@ -90,8 +98,9 @@ class Engine:
                     kwargs["logits_to_keep"] = k
                 logits = self.model(**kwargs).logits[:, -k:-1]
                 labels = batch["labels"][:, -(k - 1):]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+        loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss_sum, logits, labels
 
     def _reduce(self, value: float) -> float:
         if self.accelerator.num_processes == 1:
@@ -114,15 +123,23 @@ class Engine:
         mine, masked = self._shard(examples)
         return self._local_loss_sum(mine, masked=masked)
 
-    def backward(self, examples: Sequence[Example], scale: float, sync: bool, total_tokens: int | None = None) -> float:
+    def backward(self, examples: Sequence[Example], scale: float, sync: bool, total_tokens: int | None = None,
+                 extra_loss: ExtraLoss | None = None) -> float:
         """Backward of ``scale`` x (summed answer loss of ``examples``) / ``total_tokens`` (default:
-        the answer tokens of ``examples``). Returns this process's summed loss (not reduced)."""
+        the answer tokens of ``examples``), plus ``scale`` x the method's ``extra_loss`` term when
+        given. Returns this process's summed answer loss (not reduced)."""
         total = total_tokens or self.label_tokens(examples)
         ctx = nullcontext() if sync or self.accelerator.num_processes == 1 else self.accelerator.no_sync(self.model)
         with ctx:
-            loss_sum = self._shard_loss_sum(examples)
+            mine, masked = self._shard(examples)
+            loss_sum, logits, labels = self._local_forward(mine, masked=masked)
             # DDP averages gradients over processes: multiply by their number to get the global sum.
-            self.accelerator.backward(loss_sum * (scale * self.accelerator.num_processes / total))
+            loss = loss_sum * (scale * self.accelerator.num_processes / total)
+            if extra_loss is not None:
+                term = extra_loss(LossInputs(examples=mine, logits=logits, labels=labels, scale=scale))
+                if term is not None:
+                    loss = loss + scale * term
+            self.accelerator.backward(loss)
         return float(loss_sum.detach())
 
     @torch.no_grad()
@@ -148,14 +165,17 @@ class Engine:
         optimizer.zero_grad(set_to_none=True)
         return ok
 
-    def inner_step(self, micro_batches: Sequence[Sequence[Example]], optimizer, scheduler) -> dict:
+    def inner_step(self, micro_batches: Sequence[Sequence[Example]], optimizer, scheduler,
+                   extra_loss: ExtraLoss | None = None) -> dict:
         """One optimizer update over ``micro_batches`` (gradient accumulation): each micro-batch's
-        mean answer loss divided by the number of micro-batches, as HF Trainer does."""
+        mean answer loss (plus the method's extra term) divided by the number of micro-batches, as
+        HF Trainer does."""
         lr = optimizer.param_groups[0]["lr"]
         local, tokens = [], 0
         for i, mb in enumerate(micro_batches):
             n = self.label_tokens(mb)
-            local.append(self.backward(mb, 1.0 / len(micro_batches), sync=i == len(micro_batches) - 1) / n)
+            local.append(self.backward(mb, 1.0 / len(micro_batches), sync=i == len(micro_batches) - 1,
+                                       extra_loss=extra_loss) / n)
             tokens += sum(self.formatter.length(e) for e in mb)
         loss = self._reduce(sum(local)) / len(micro_batches)
         ok = math.isfinite(loss) and self._finish_step(optimizer)

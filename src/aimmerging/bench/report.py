@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..evaluation.metrics import all_metrics
+from ..runs.results import fmt_number, matrix_markdown
 
 SECTIONS = ("inner", "probe", "replay", "bookkeeping", "validation", "eval")
 
@@ -61,10 +62,6 @@ def build_report(bench: dict, runs: dict[str, dict], throughput: dict, process_w
     }
 
 
-def _f(x, fmt="{:.4f}") -> str:
-    return "-" if x is None else fmt.format(x)
-
-
 def bench_markdown(report: dict, command: str) -> str:
     tasks, methods = report["tasks"], report["methods"]
     out = [f"# {report['name']}", "", f"Command: `{command}`", "",
@@ -73,16 +70,11 @@ def bench_markdown(report: dict, command: str) -> str:
     out += ["```", "", "## Quality", "", "| method | OP | BWT | FWT | merges |", "|---|---|---|---|---|"]
     for m, s in methods.items():
         k = s["metrics"]
-        out.append(f"| {m} | {_f(k['op'])} | {_f(k['bwt'], '{:+.4f}')} | {_f(k['fwt'], '{:+.4f}')} | {s['merges']} |")
+        out.append(f"| {m} | {fmt_number(k['op'])} | {fmt_number(k['bwt'], True)} | {fmt_number(k['fwt'], True)} | {s['merges']} |")
     out += ["", "FWT is against the `single` run's diagonal (a fresh adapter per task), so `single` has FWT 0 by "
             "definition.", "", "### Accuracy matrices (row: after training task i; column: task j)", ""]
     for m, s in methods.items():
-        out += [f"**{m}**", "", "| after \\ on | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-        for i, t in enumerate(tasks):
-            row = s["accuracy_matrix"][i]
-            if any(x is not None for x in row):
-                out.append(f"| {t} | " + " | ".join(_f(x) for x in row) + " |")
-        out.append("")
+        out += [f"**{m}**", "", *matrix_markdown(tasks, s["accuracy_matrix"]), ""]
     out += ["## Cost", "", "Wall time of training and evaluation (model loading excluded), split by what it was spent on; "
             "training throughput counts the tokens of the inner (training) steps.", "",
             "| method | wall s | inner | probe | replay | bookkeeping | eval | other | bookkeeping % | train tokens/s "
@@ -92,12 +84,12 @@ def bench_markdown(report: dict, command: str) -> str:
         frac = s["train_fraction_of_peak"]
         out.append(f"| {m} | {s['wall_s']:.0f} | {t['inner']:.0f} | {t['probe']:.0f} | {t['replay']:.0f} | "
                    f"{t['bookkeeping']:.1f} | {t['eval']:.0f} | {t['other'] + t['validation']:.0f} | "
-                   f"{_f(s['bookkeeping_fraction'] and 100 * s['bookkeeping_fraction'], '{:.2f}')} | "
-                   f"{_f(s['train_tokens_per_s'], '{:.0f}')} | {_f(s['train_gflops'], '{:.1f}')} "
-                   f"({_f(frac and 100 * frac, '{:.0f}')}%) | {_f(s['peak_rss_mb'], '{:.0f}')} |")
+                   f"{fmt_number(s['bookkeeping_fraction'] and 100 * s['bookkeeping_fraction'], digits=2)} | "
+                   f"{fmt_number(s['train_tokens_per_s'], digits=0)} | {fmt_number(s['train_gflops'], digits=1)} "
+                   f"({fmt_number(frac and 100 * frac, digits=0)}%) | {fmt_number(s['peak_rss_mb'], digits=0)} |")
     r = report["ratios"]
-    out += ["", f"Wall-time ratios: aimmerging / seq = {_f(r['aimmerging/seq'], '{:.2f}')}, "
-            f"aimmerging / replay = {_f(r['aimmerging/replay'], '{:.2f}')}.", ""]
+    out += ["", f"Wall-time ratios: aimmerging / seq = {fmt_number(r['aimmerging/seq'], digits=2)}, "
+            f"aimmerging / replay = {fmt_number(r['aimmerging/replay'], digits=2)}.", ""]
     tp = report["throughput"]
     out += ["## Throughput of the training step", "",
             f"Peak fp32 rate: {tp['peak_gflops']:.1f} GFLOP/s, the best of 2048 x 2048 matmuls timed in the same "
@@ -114,21 +106,22 @@ def bench_markdown(report: dict, command: str) -> str:
     if b:
         shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in b["shares"].items())
         out += ["", f"Where the time of the runs' step goes (`torch.profiler`, {b['steps']} steps): {shares}. "
-                f"The matmuls alone run at {_f(b['matmul_gflops'], '{:.1f}')} GFLOP/s "
-                f"({_f(b['matmul_fraction_of_peak'] and 100 * b['matmul_fraction_of_peak'], '{:.0f}')}% of peak)."]
+                f"The matmuls alone run at {fmt_number(b['matmul_gflops'], digits=1)} GFLOP/s "
+                f"({fmt_number(b['matmul_fraction_of_peak'] and 100 * b['matmul_fraction_of_peak'], digits=0)}% of peak)."]
     return "\n".join(out) + "\n"
 
 
 def plot_report(report: dict, path: str | Path) -> Path:
-    import matplotlib
+    """Quality and wall time per method, drawn without pyplot (a caller's backend is left alone)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .plots import save_figure
+    from ..reporting.plots import save_figure
 
     methods = list(report["methods"])
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
     width = 0.27
     for k, key in enumerate(("op", "bwt", "fwt")):
         vals = [report["methods"][m]["metrics"][key] or 0.0 for m in methods]
@@ -148,7 +141,4 @@ def plot_report(report: dict, path: str | Path) -> Path:
     ax2.legend(fontsize="small")
     fig.suptitle(report["name"])
     fig.tight_layout()
-    try:
-        return save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)

@@ -10,7 +10,9 @@
 * :func:`time_breakdown` profiles the runs' step and splits its time into matmuls, attention,
   dropout masks and the rest, with the matmuls' own FLOP rate.
 
-Used by ``aimmerging bench`` in a process of its own (the peak is measured in the same process as
+The levers are explicit: each row builds its own :class:`Engine` (``full_logits``) over a copy of
+the formatter (``padded_to``), so no switch is flipped on the run's objects. Used by
+``aimmerging bench`` in a process of its own (the peak is measured in the same process as
 the steps, as the benchmark asks).
 """
 
@@ -22,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from .data.olora import Example
+from ..data.olora import Example
 
 
 def matmul_peak(n: int = 2048, repeats: int = 6) -> float:
@@ -86,7 +88,7 @@ def _batches(examples: Sequence[Example], cfg, engine, grouped: bool, steps: int
              micro: int | None = None) -> list[list[list[Example]]]:
     """``steps`` optimizer steps of micro-batches (size ``micro``, default the config's, with the
     config's accumulation), drawn as the training loop draws them."""
-    from .training.loop import micro_batch_stream
+    from ..training.loop import micro_batch_stream
 
     length = engine.formatter.length if grouped else None
     stream = micro_batch_stream(examples, micro or cfg.micro_batch_size, random.Random(f"throughput-{cfg.seed}"), length)
@@ -118,19 +120,27 @@ def _set_dropout(model, on: bool, saved: dict) -> None:
                 module.p = saved.pop(module)
 
 
-def lever_study(engine, cfg, examples: Sequence[Example], steps: int = 3, peak: float | None = None) -> dict:
+def lever_engine(base, *, full_logits: bool, pad_to: int | None, micro_batch_size: int | None = None):
+    """An Engine over the same model as ``base`` with the lever settings of one row."""
+    from ..training.engine import Engine
+
+    return Engine(base.model, base.formatter.padded_to(pad_to), base.accelerator,
+                  micro_batch_size=micro_batch_size or base.micro_batch_size, max_grad_norm=base.max_grad_norm,
+                  full_logits=full_logits)
+
+
+def lever_study(base, cfg, examples: Sequence[Example], steps: int = 3, peak: float | None = None) -> dict:
     """Time ``steps`` training steps (after one warm-up step) for each row of :data:`LEVERS`."""
     cores = torch.get_num_threads()
     peak = peak or matmul_peak()
-    budget = engine.formatter.max_input_tokens + max(len(engine.formatter.answer_ids(e.output)) for e in examples)
-    optimizer = torch.optim.AdamW(engine.params, lr=1e-7)
+    budget = base.formatter.max_input_tokens + max(len(base.formatter.answer_ids(e.output)) for e in examples)
+    optimizer = torch.optim.AdamW(base.params, lr=1e-7)
     rows, saved = [], {}
     for name, full_logits, pad, grouped, threads, factor, dropout in LEVERS:
-        _set_dropout(engine.model, dropout, saved)
+        _set_dropout(base.model, dropout, saved)
         torch.set_num_threads(threads or cores)
-        engine.full_logits = full_logits
-        engine.formatter.pad_to = budget if pad else None
         micro = cfg.micro_batch_size * (factor or 1)
+        engine = lever_engine(base, full_logits=full_logits, pad_to=budget if pad else None)
         batches = _batches(examples, cfg, engine, grouped, steps + 1, micro)
         flops = sum(count_step_flops(engine, mb) for mb in batches[1:])
         tokens = sum(engine.formatter.length(e) for step in batches[1:] for mb in step for e in mb)
@@ -143,10 +153,8 @@ def lever_study(engine, cfg, examples: Sequence[Example], steps: int = 3, peak: 
         rows.append({"lever": name, "threads": threads or cores, "micro_batch": micro, "step_s": wall / steps,
                      "tokens_per_s": tokens / wall, "gflop_per_step": flops / steps / 1e9,
                      "gflops": flops / wall / 1e9, "fraction_of_peak": flops / wall / 1e9 / peak})
-    _set_dropout(engine.model, True, saved)
+    _set_dropout(base.model, True, saved)
     torch.set_num_threads(cores)
-    engine.full_logits = False
-    engine.formatter.pad_to = None
     return {"peak_gflops": peak, "threads": cores, "steps": steps, "rows": rows}
 
 
@@ -195,19 +203,18 @@ def flops_per_token(engine, cfg, examples: Sequence[Example], steps: int = 2) ->
 
 
 def main(argv: list[str]) -> int:
-    """``python -m aimmerging.throughput RUN_CONFIG.yaml OUT.json [STEPS]`` (used by the bench)."""
-    from .cli.main import _setup_logging
-    from .config import build_config, load_yaml
-    from .io import atomic_write_json
-    from .training.runner import Runner
+    """``python -m aimmerging.bench.throughput RUN_CONFIG.yaml OUT.json [STEPS]`` (used by the bench)."""
+    from ..config import build_config, load_yaml
+    from ..io import atomic_write_json
+    from ..logs import setup_logging
+    from ..runs.runner import Runner, build_engine
 
-    _setup_logging(verbose=False)
+    setup_logging(verbose=False)
     cfg = build_config(load_yaml(argv[0]))
     steps = int(argv[2]) if len(argv) > 2 else 3
     runner = Runner(cfg)
-    runner._build_engine()
-    engine = runner.engine
-    examples = runner.stream[runner.tasks[0]].train
+    engine = build_engine(cfg, runner.accelerator).engine
+    examples = runner.data[runner.tasks[0]].train
     peak = matmul_peak()
     study = lever_study(engine, cfg, examples, steps=steps, peak=peak)
     study["flops_per_token"] = flops_per_token(engine, cfg, examples)

@@ -1,7 +1,11 @@
-"""``results.json`` of a run, assembled from the committed stage files, and its markdown summary."""
+"""What a run returns: ``results.json`` assembled from the stage records, its markdown summary,
+and :class:`RunResult`, the Python API's typed view of it. Pure functions of plain data (no I/O
+beyond reading a reference ``results.json``); the number formatting and the matrix table used by
+every report live here."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -66,22 +70,67 @@ def build_results(*, cfg_dict: dict, tasks: Sequence[str], rows: dict[int, Row],
     }
 
 
-def _fmt(x: Optional[float], signed: bool = False) -> str:
-    if x is None:
-        return "-"
-    return f"{x:+.4f}" if signed else f"{x:.4f}"
+def fmt_number(x: Any, signed: bool = False, digits: int = 4, missing: str = "-") -> str:
+    """A score for a table: ``digits`` decimals, ``+`` sign when ``signed``, ``missing`` for None
+    or a non-number (the one number formatter of every report)."""
+    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
+    if not ok:
+        return missing
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def matrix_markdown(tasks: Sequence[str], a: Sequence[Sequence[Optional[float]]],
+                    zero_shot: Optional[Sequence[Optional[float]]] = None) -> list[str]:
+    """The accuracy matrix as markdown table lines (rows never evaluated are left out)."""
+    lines = ["| after \\ on | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    if zero_shot:
+        lines.append("| zero-shot | " + " | ".join(fmt_number(x) for x in zero_shot) + " |")
+    for i, t in enumerate(tasks):
+        if any(x is not None for x in a[i]):
+            lines.append(f"| {t} | " + " | ".join(fmt_number(x) for x in a[i]) + " |")
+    return lines
 
 
 def summary_markdown(results: dict[str, Any]) -> str:
     tasks, a = results["tasks"], results["accuracy_matrix"]
     lines = [f"### {results['method']} on {results['model']} ({len(tasks)} tasks)", "",
-             "| after \\ on | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-    if results.get("zero_shot"):
-        lines.append("| zero-shot | " + " | ".join(_fmt(x) for x in results["zero_shot"]) + " |")
-    for i, t in enumerate(tasks):
-        if any(x is not None for x in a[i]):
-            lines.append(f"| {t} | " + " | ".join(_fmt(x) for x in a[i]) + " |")
+             *matrix_markdown(tasks, a, results.get("zero_shot"))]
     m = results["metrics"]
-    lines += ["", f"OP {_fmt(m['op'])} | BWT {_fmt(m['bwt'], True)} | FWT {_fmt(m['fwt'], True)}"
+    lines += ["", f"OP {fmt_number(m['op'])} | BWT {fmt_number(m['bwt'], True)} | FWT {fmt_number(m['fwt'], True)}"
               + ("" if results["complete"] else "  (run not complete)")]
     return "\n".join(lines)
+
+
+@dataclass
+class RunResult:
+    """What :func:`aimmerging.run` returns.
+
+    ``accuracy_matrix[i][j]``: score on task j after training task i (None where not evaluated);
+    ``metrics``: ``op``, ``bwt``, ``fwt`` (None where undefined); ``trace``: the trace records
+    (dicts, see ``aimmerging.trace``); ``timings``: seconds per cost category; ``model``: the
+    trained PEFT model (the adapter after the last stage); ``results``: the ``results.json``
+    content; ``run_dir``: the run directory, or None when nothing was written."""
+
+    tasks: list[str]
+    accuracy_matrix: list[list[Optional[float]]]
+    metrics: dict[str, Optional[float]]
+    trace: list[dict]
+    timings: dict[str, float]
+    model: Any = field(repr=False)
+    results: dict[str, Any] = field(repr=False)
+    run_dir: Optional[Path] = None
+
+    @property
+    def op(self) -> Optional[float]:
+        return self.metrics["op"]
+
+    @property
+    def bwt(self) -> Optional[float]:
+        return self.metrics["bwt"]
+
+    @property
+    def fwt(self) -> Optional[float]:
+        return self.metrics["fwt"]
+
+    def summary(self) -> str:
+        return summary_markdown(self.results)

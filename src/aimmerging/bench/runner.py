@@ -34,18 +34,32 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import build_config, load_yaml
-from .errors import ConfigError, UserError
-from .io import atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
+from ..config import build_config, load_yaml
+from ..errors import ConfigError, UserError
+from ..io import atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
+from ..methods import builtin_names, resolve_method
+from ..runs.rundir import RunDirectory
+from .report import bench_markdown, build_report, plot_report
 
 log = logging.getLogger("aimmerging")
 
-ALL_METHODS = ("seq", "replay", "merge-end", "merge-fixed", "aimmerging", "mtl")
-SHARES_FIRST_STAGE = {"seq", "replay", "merge-end", "merge-fixed", "aimmerging", "single"}
 DEFAULT_CONFIG = Path("benchmarks/standard-cl.yaml")
 
 
-def load_bench_config(path: str | Path, quick: bool, overrides: dict[str, Any]) -> dict:
+def comparable_methods() -> list[str]:
+    """The registered methods the bench compares by default (``single`` runs anyway, as the FWT reference)."""
+    return [m for m in builtin_names() if resolve_method(m).in_bench]
+
+
+def shares_first_stage(method: str) -> bool:
+    """Whether a method's first stage is plain LoRA fine-tuning from the initial adapter (the
+    same for every such method with the same seed): one stage-by-stage (not joint) method whose
+    hooks do nothing on a task without memory. Merging methods and ``replay`` are inactive then."""
+    cls = resolve_method(method)
+    return not cls.joint and method in {"seq", "replay", "merge-end", "merge-fixed", "aimmerging", "single"}
+
+
+def load_bench_config(path: str | Path, quick: bool, overrides: dict[str, Any], methods: list[str] | None = None) -> dict:
     """The resolved benchmark config: ``run`` with ``quick`` and ``overrides`` applied on top."""
     raw = load_yaml(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("run"), dict):
@@ -53,10 +67,11 @@ def load_bench_config(path: str | Path, quick: bool, overrides: dict[str, Any]) 
     unknown = set(raw) - {"name", "methods", "run", "quick", "throughput_steps"}
     if unknown:
         raise ConfigError(f"{path}: unknown benchmark key(s): {', '.join(sorted(unknown))}")
-    methods = list(raw.get("methods") or ALL_METHODS)
-    bad = [m for m in methods if m not in ALL_METHODS]
+    known = comparable_methods()
+    methods = list(methods or raw.get("methods") or known)
+    bad = [m for m in methods if m not in known]
     if bad:
-        raise ConfigError(f"{path}: methods: unknown or not comparable: {', '.join(bad)} (choose from {', '.join(ALL_METHODS)})")
+        raise ConfigError(f"{path}: methods: unknown or not comparable: {', '.join(bad)} (choose from {', '.join(known)})")
     run = {**raw["run"], **(raw.get("quick") or {} if quick else {}), **overrides}
     for key in ("method", "output_dir", "fwt_reference"):
         run.pop(key, None)
@@ -74,17 +89,15 @@ def _method_config(bench: dict, method: str, out: Path) -> dict:
 
 
 def _run_module(args: list[str], log_hint: str, isolate: bool) -> None:
-    """``python -m ARGS`` in a child process (own peak memory and timings), or in this process."""
+    """``python -m ARGS`` in a child process (own peak memory and timings), or the same module's
+    ``main(ARGS[1:])`` in this process."""
     if isolate:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         code = subprocess.run([sys.executable, "-m", *args], env=env).returncode
     else:
         import importlib
 
-        from .cli.main import main
-
-        module = importlib.import_module(args[0])
-        code = main(args[1:]) if args[0] == "aimmerging" else module.main(args[1:])
+        code = importlib.import_module(args[0]).main(args[1:])
     if code != 0:
         raise UserError(f"{log_hint} failed (exit {code}); rerun `aimmerging bench` with the same "
                         "options to resume")
@@ -92,24 +105,20 @@ def _run_module(args: list[str], log_hint: str, isolate: bool) -> None:
 
 def _share_first_stage(src: Path, method_cfg: dict, method_dir: Path) -> None:
     """Copy the finished first stage of ``src`` into a new run directory of ``method_cfg``."""
-    from .training.runner import init_run_dir
-
     stages = sorted((src / "stages").glob("00-*"))
     if not stages or not (stages[0] / "scores.json").is_file() or (method_dir / "stages" / stages[0].name).exists():
         return
     if (method_dir / "config.yaml").is_file() and load_yaml(method_dir / "config.yaml") != method_cfg:
         return  # a different run lives there; the run itself decides what to do with it
-    init_run_dir(build_config(method_cfg), replace=False, is_main=True)
+    RunDirectory(method_dir).init(build_config(method_cfg), replace=False)
     tmp = method_dir / "stages" / f".tmp-{stages[0].name}"
     shutil.copytree(stages[0], tmp)
     os.replace(tmp, method_dir / "stages" / stages[0].name)
 
 
 def run_bench(config: str | Path, output_dir: str | Path, quick: bool = False, overrides: dict | None = None,
-              progress: bool = True, isolate: bool = True) -> dict:
-    from .reporting.bench import bench_markdown, build_report, plot_report
-
-    bench = load_bench_config(config, quick, overrides or {})
+              progress: bool = True, isolate: bool = True, methods: list[str] | None = None) -> dict:
+    bench = load_bench_config(config, quick, overrides or {}, methods)
     out = Path(output_dir)
     resolved = out / "bench.yaml"
     if resolved.is_file() and load_yaml(resolved) != bench:
@@ -123,7 +132,7 @@ def run_bench(config: str | Path, output_dir: str | Path, quick: bool = False, o
         cfg_path = out / "configs" / "seq.yaml"
         atomic_write_yaml(cfg_path, _method_config(bench, "seq", out))
         log.info("throughput study (peak FLOP rate, FLOPs per token, levers)")
-        _run_module(["aimmerging.throughput", str(cfg_path), str(throughput), str(bench["throughput_steps"])],
+        _run_module(["aimmerging.bench.throughput", str(cfg_path), str(throughput), str(bench["throughput_steps"])],
                         "throughput study", isolate)
 
     order = ["seq", "single", *[m for m in bench["methods"] if m != "seq"]]
@@ -132,13 +141,13 @@ def run_bench(config: str | Path, output_dir: str | Path, quick: bool = False, o
         cfg = _method_config(bench, method, out)
         if method not in ("seq", "single", "mtl"):
             cfg["fwt_reference"] = str(out / "single")
-        if method != "seq" and method in SHARES_FIRST_STAGE:
+        if method != "seq" and shares_first_stage(method):
             _share_first_stage(out / "seq", cfg, out / method)
         cfg_path = out / "configs" / f"{method}.yaml"
         atomic_write_yaml(cfg_path, cfg)
         log.info("bench: %s", method)
         start = time.perf_counter()
-        _run_module(["aimmerging", "run", "--config", str(cfg_path), *flags], f"method {method}", isolate)
+        _run_module(["aimmerging.bench.worker", str(cfg_path), *flags], f"method {method}", isolate)
         walls[method] = time.perf_counter() - start
 
     runs = {m: read_json(out / m / "results.json") for m in order}

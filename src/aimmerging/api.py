@@ -1,0 +1,75 @@
+"""The Python API: :func:`run` a method through a task stream, from a notebook or a script.
+
+    import aimmerging
+    stream = aimmerging.TaskStream.from_examples({
+        "task-a": {"train": [{"input": "...", "output": "..."}, ...], "test": [...]},
+        "task-b": {...},
+    })
+    result = aimmerging.run(stream, method="aimmerging", model="tiny-causal", max_steps=8)
+    result.accuracy_matrix, result.metrics["bwt"], result.model   # the trained PEFT model
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from .config import build_config
+from .data.stream import TaskStream
+from .errors import ConfigError
+from .methods import Method
+from .runs.results import RunResult
+from .runs.rundir import RunDirectory
+from .runs.runner import Runner
+
+_NOT_SETTINGS = {"method", "model", "output_dir", "tasks", "benchmark", "data_dir", "order"}
+
+
+def as_stream(stream: Any) -> TaskStream | None:
+    """A TaskStream from a TaskStream, a mapping ``{task: {split: examples}}``, or None (the stream
+    is then named by the settings: ``benchmark``/``tasks`` and ``data_dir``)."""
+    if stream is None or isinstance(stream, TaskStream):
+        return stream
+    if isinstance(stream, Mapping):
+        return TaskStream.from_examples(stream)
+    raise ConfigError(f"stream: expected a TaskStream or a mapping {{task: {{split: examples}}}}, got {type(stream).__name__}")
+
+
+def run(stream: Any = None, method: str | type[Method] | Method = "seq", model: Any = "smollm2-135m",
+        output_dir: str | os.PathLike | None = None, **settings: Any) -> RunResult:
+    """Train ``method`` through ``stream`` and evaluate it after every task.
+
+    Args:
+        stream: a :class:`TaskStream`, a mapping ``{task: {"train": [...], "test": [...], "dev": [...]}}``
+            of ``{"input", "output"}`` dicts or ``datasets.Dataset`` objects, or None to name the
+            stream by settings (``benchmark="standard-cl", data_dir=...`` or ``tasks=[...]``).
+        method: a registered name, an import path ``module:Class``, a Method subclass or instance.
+        model: an alias (``smollm2-135m``, ``tiny-causal``, ``tiny-seq2seq``), a local directory,
+            a hub id, or an already loaded ``(model, tokenizer)`` pair (LoRA is attached to it in place).
+        output_dir: with a directory the run behaves exactly like ``aimmerging run`` (resume
+            included); with None nothing is written to disk.
+        **settings: run options by their config names (``max_steps=8``, ``lr=2e-3``, ...); unknown
+            names are rejected with the same one-line errors as the CLI.
+    """
+    stream = as_stream(stream)
+    values = dict(settings)
+    if stream is not None:
+        clash = {"tasks", "benchmark", "data_dir"} & set(values)
+        if clash:
+            raise ConfigError(f"{', '.join(sorted(clash))}: the stream is given; these settings name another one")
+        values["tasks"] = stream.tasks
+    loaded = None
+    if isinstance(model, (tuple, list)):
+        if len(model) != 2:
+            raise ConfigError("model: expected an alias, a path, a hub id or a (model, tokenizer) pair")
+        loaded = tuple(model)
+        values["model"] = f"in-memory:{type(loaded[0]).__name__}"
+    else:
+        values["model"] = str(model)
+    if output_dir is not None:
+        values["output_dir"] = str(output_dir)
+    values.setdefault("progress", False)
+    cfg = build_config(overrides=values, source="settings", method=method)
+    instance = method if isinstance(method, Method) else None
+    run_dir = RunDirectory(output_dir) if output_dir is not None else None
+    return Runner(cfg, stream=stream, model=loaded, method=instance, run_dir=run_dir).run()

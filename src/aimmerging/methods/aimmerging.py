@@ -1,0 +1,166 @@
+"""AIMMerging (Adaptive Iterative Model Merging, EMNLP 2025, arXiv 2509.17348) and its two
+ablations, one class driven by the merge controller.
+
+For every task after the first (the first has no memory and trains plainly), after each inner step:
+
+1. history loss: the loss on a random memory batch, no gradients (the forgetting probe);
+2. Delta_in L1: sum |theta - theta_anchor| (the adapter's move since the last merge);
+3. the controller decides; on a merge: theta_k <- theta; ``outer_steps`` replay steps on memory
+   batches; theta <- fusion(anchor, [theta_k - anchor, theta - theta_k], [w_in, w_out]); anchor <- theta.
+
+``merge-fixed`` is this method with the ``fixed`` schedule (merge every S0 steps, fixed weights)
+and ``merge-end`` with the ``end`` schedule (one replay phase and fusion at the task end); neither
+probes the memory. A non-finite probe is recorded and not fed to the controller; a non-finite
+adapter (after a step or a fusion) falls back to the last good state and is recorded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import ClassVar, Optional
+
+import torch
+
+from ..controller import ControllerConfig, MergeController, MergeDecision
+from ..fusion import FUSION_RULES, fuse_in_place
+from ..models.lora import all_finite, l1_distance, restore, snapshot
+from ..settings import option
+from . import register_method
+from .base import Method
+
+OUTER_WARMUP_STEPS, OUTER_SCHEDULE_STEPS = 50, 200  # the separate replay optimizer's linear schedule
+
+
+@dataclass
+class MergingSettings(ControllerConfig):
+    """The controller's settings plus how the probe, the replay steps and the fusion run."""
+
+    probe_mode: str = option("train", "forgetting probe: 'train' (reference: dropout on, loss / accumulation) or 'eval'", ("train", "eval"))
+    outer_optimizer: str = option("inner", "replay steps use the task's optimizer at its current LR (reference) or a separate AdamW", ("inner", "separate"))
+    outer_lr: float = option(1e-3, "learning rate of the separate replay optimizer (--outer-optimizer separate)")
+    fusion: str = option("weighted-sum", "fusion rule of a merge", FUSION_RULES.choices())
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.outer_lr > 0:
+            raise ValueError("outer_lr: must be > 0")
+
+    def controller_config(self, schedule: Optional[str] = None) -> ControllerConfig:
+        names = {f.name for f in fields(ControllerConfig)}
+        values = {n: getattr(self, n) for n in names}
+        if schedule is not None:
+            values["schedule"] = schedule
+        return ControllerConfig(**values)
+
+
+@register_method
+class Merging(Method):
+    name = "aimmerging"
+    paper = "AIMMerging (Feng et al., EMNLP 2025)"
+    summary = ("replay memory + merge controller: forgetting signal triggers merges, learning signal sets the "
+               "interval, each merge fuses the new-task update with a replay update")
+    Settings = MergingSettings
+    uses_memory = True
+    forced_schedule: ClassVar[Optional[str]] = None  # the ablations fix the schedule whatever --schedule says
+
+    def before_task(self, view) -> None:
+        self.active = bool(view.memory)
+        if not self.active:
+            return
+        config = self.settings.controller_config(self.forced_schedule)
+        self.controller = MergeController(config)
+        self.outer = None
+        if self.settings.outer_optimizer == "separate":
+            from transformers import get_linear_schedule_with_warmup
+
+            opt = torch.optim.AdamW(view.params, lr=self.settings.outer_lr)
+            self.outer = (opt, get_linear_schedule_with_warmup(opt, OUTER_WARMUP_STEPS, OUTER_SCHEDULE_STEPS))
+        with view.timed("bookkeeping"):
+            self.anchor = snapshot(view.params)
+        view.emit({"event": "task_start", "step": 0, "memory_size": len(view.memory), "controller": config.to_dict()})
+
+    def probe(self, view) -> float:
+        """History loss on a random memory batch, no gradients. Reference mode: train mode (dropout
+        on) and the loss divided by the accumulation steps; eval mode: the plain loss."""
+        batch = view.memory.sample(view.rng("probe"), view.memory_batch_size)
+        if self.settings.probe_mode == "train":
+            return view.mean_loss(batch, train_mode=True) / view.grad_accum
+        return view.mean_loss(batch, train_mode=False)
+
+    def replay(self, view, steps: int) -> list[Optional[float]]:
+        """``steps`` replay updates on fresh random memory batches (loss / accumulation, as the
+        reference does), with the task's optimizer or the separate one. Returns their losses."""
+        opt, sched = self.outer if self.outer else (view.optimizer, None)
+        losses = []
+        for _ in range(steps):
+            batch = view.memory.sample(view.rng("replay"), view.memory_batch_size)
+            losses.append(view.update(batch, opt, 1.0 / view.grad_accum))
+            if sched is not None:
+                sched.step()
+        return losses
+
+    def after_step(self, view, record):
+        if not self.active:
+            return None
+        c = self.controller
+        if c.needs_history_loss:
+            with view.timed("probe"):
+                h = self.probe(view)
+            record["history_loss"] = h if math.isfinite(h) else None
+        with view.timed("bookkeeping"):
+            if not all_finite(view.params):
+                restore(view.params, self.anchor)
+                record["fallback"] = "anchor (non-finite adapter after the step)"
+            l1 = l1_distance(view.params, self.anchor)
+            record["delta_in_l1"] = l1
+            decision = None
+            if record["history_loss"] is not None or not c.needs_history_loss:
+                decision = c.observe(view.step, record["history_loss"], l1)
+            record["interval"] = c.interval if decision is None else decision.interval
+            record["threshold"] = c.threshold if decision is None else decision.threshold
+        return [self.merge(view, decision)] if decision else None
+
+    def after_task(self, view):
+        if not self.active:
+            return None
+        with view.timed("bookkeeping"):
+            decision = self.controller.end_of_task(view.step, l1_distance(view.params, self.anchor))
+        return [self.merge(view, decision)] if decision else None
+
+    def merge(self, view, d: MergeDecision) -> dict:
+        with view.timed("bookkeeping"):
+            theta_k = snapshot(view.params)
+        with view.timed("replay"):
+            losses = self.replay(view, d.outer_steps)
+        fallback = None
+        with view.timed("bookkeeping"):
+            fuse_in_place(view.params, self.anchor, theta_k, d.w_in, d.w_out, self.settings.fusion)
+            if not all_finite(view.params):
+                restore(view.params, theta_k)
+                fallback = "theta_k (non-finite fusion: replay update dropped)"
+            self.anchor = snapshot(view.params)
+        done = [x for x in losses if x is not None]
+        return {"event": "merge", **d.to_dict(), "replay_loss": sum(done) / len(done) if done else None,
+                "replay_skipped": len(losses) - len(done), "fallback": fallback}
+
+
+@register_method
+class MergeFixed(Merging):
+    """``merge-fixed``: fixed-interval merging with replay: merge every S0 steps with the fixed
+    weights; no forgetting or learning signal."""
+
+    name = "merge-fixed"
+    paper = "fixed-interval merging with replay (AIMMerging ablation)"
+    summary = "ablation: merge every S0 steps with fixed weights (--fixed-w-in/--fixed-w-out), no signals"
+    forced_schedule = "fixed"
+
+
+@register_method
+class MergeEnd(Merging):
+    """``merge-end``: one replay phase and one fusion at the end of each task."""
+
+    name = "merge-end"
+    paper = "merge once at the task end (AIMMerging ablation)"
+    summary = "ablation: one replay phase and one fusion at the end of each task"
+    forced_schedule = "end"

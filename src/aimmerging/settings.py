@@ -1,0 +1,130 @@
+"""Declaring options once: a dataclass field with its help text (and choices) in the metadata.
+
+``RunConfig``, the merge controller's ``ControllerConfig`` and every method's ``Settings``
+declare their options with :func:`option`; the CLI turns each into a flag (``lora_r`` ->
+``--lora-r``), YAML files use the same names, and :func:`coerce` converts a flag or YAML value
+to the field's type. Pure Python (the controller imports it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import MISSING, field, fields
+from typing import Any, Callable, Union
+
+from .errors import ConfigError
+
+
+def option(default: Any, help: str, choices: tuple | Callable[[], tuple] | None = None, group: str | None = None):
+    """A dataclass field carrying ``help``, ``choices`` (a tuple, or a callable returning one, for
+    names read from a registry) and an optional ``group`` for ``--help``."""
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+
+
+def choices_of(f: dataclasses.Field) -> tuple | None:
+    c = f.metadata.get("choices")
+    return c() if callable(c) else c
+
+
+def option_fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in fields(cls) if f.metadata.get("help") is not None}
+
+
+def base_type(cls, name: str):
+    """The field's type without ``Optional``."""
+    hint = typing.get_type_hints(cls)[name]
+    if typing.get_origin(hint) is Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0]
+    return hint
+
+
+def is_optional(cls, name: str) -> bool:
+    hint = typing.get_type_hints(cls)[name]
+    return typing.get_origin(hint) is Union and type(None) in typing.get_args(hint)
+
+
+def coerce(cls, name: str, value: Any) -> Any:
+    """Convert a YAML or flag value to the type of field ``name`` of dataclass ``cls``; a value
+    that does not fit (or a non-finite float) is a ConfigError naming the option."""
+    base = base_type(cls, name)
+    if value is None:
+        if is_optional(cls, name):
+            return None
+        raise ConfigError(f"{name}: a value is required")
+    origin = typing.get_origin(base)
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(f"{name}: must be a finite number, got {value!r}")
+            return number
+        if base is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if origin is list:
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+                raise ValueError
+            items = [x.strip() for x in items if x.strip()]
+            return items or None
+        if base is dict:
+            if isinstance(value, str):
+                pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+                if any(len(p) != 2 for p in pairs):
+                    raise ValueError
+                value = {k.strip(): v.strip() for k, v in pairs}
+            if not isinstance(value, dict):
+                raise ValueError
+            return {str(k): str(v) for k, v in value.items()} or None
+    except (TypeError, ValueError, OverflowError):
+        pass
+    kind = {list: "a comma-separated list", dict: "TASK=VALUE pairs"}.get(origin or base, getattr(base, "__name__", str(base)))
+    raise ConfigError(f"{name}: expected {kind}, got {value!r}")
+
+
+def check_choices(obj) -> None:
+    """Every field with choices holds one of them (ConfigError otherwise)."""
+    for f in fields(obj):
+        allowed = choices_of(f)
+        value = getattr(obj, f.name)
+        if allowed and value not in allowed:
+            raise ConfigError(f"{f.name}: '{value}' is not one of {', '.join(allowed)}")
+
+
+def build(cls, values: dict[str, Any], origin: str = "settings"):
+    """An instance of ``cls`` from ``values`` (coerced); a ValueError of its ``__post_init__``
+    becomes a ConfigError."""
+    kwargs = {k: coerce(cls, k, v) for k, v in values.items()}
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{origin}: {e}") from None
+    check_choices(obj)
+    return obj
+
+
+def defaults(cls) -> dict[str, Any]:
+    out = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out
+

@@ -1,0 +1,150 @@
+"""Trace records: one typed definition of what a run writes to ``trace.jsonl``, and one reader.
+
+A merging run writes, per stage (task): a ``task_start`` record with the merge-controller
+settings, one ``step`` record per inner optimizer step, one ``merge`` record per merge (the
+controller's decision and what the fusion did), and a ``select_best`` record when model selection
+restored an earlier adapter. Every record carries ``task`` and ``task_index`` and is a plain JSON
+object: the types below are ``TypedDict``s, so records stay dicts everywhere (files, tests, the
+Python API's ``result.trace``).
+
+:func:`read_trace` reads a (possibly user-supplied) file with one-line errors; :func:`split_tasks`
+groups records by task into :class:`TaskTrace` objects; the plots and ``aimmerging controller
+replay`` both use them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, TypedDict
+
+from .errors import UserError
+
+try:  # Python >= 3.11
+    from typing import NotRequired
+except ImportError:  # pragma: no cover
+    from typing_extensions import NotRequired
+
+
+class TaskStartRecord(TypedDict):
+    task: str
+    task_index: int
+    event: Literal["task_start"]
+    step: int  # 0
+    memory_size: int
+    controller: dict  # ControllerConfig.to_dict()
+
+
+class StepRecord(TypedDict):
+    task: str
+    task_index: int
+    event: Literal["step"]
+    step: int
+    train_loss: Optional[float]  # None when not finite (the step was skipped)
+    lr: float
+    history_loss: Optional[float]  # forgetting probe (merging methods)
+    delta_in_l1: Optional[float]  # sum |adapter - anchor| (merging methods)
+    interval: NotRequired[int]  # planned merge interval in force (merging methods)
+    threshold: NotRequired[Optional[float]]  # forgetting threshold in force (merging methods)
+    skipped: NotRequired[str]  # why the optimizer step was skipped
+    fallback: NotRequired[str]  # what the adapter fell back to, and why
+    val_loss: NotRequired[float]  # validation loss (model selection)
+
+
+class MergeRecord(TypedDict):
+    task: str
+    task_index: int
+    event: Literal["merge"]
+    step: int
+    reason: str  # planned | early | signal | forced | fixed | end
+    forgetting_count: Optional[int]
+    w_in: float
+    w_out: float
+    outer_steps: int
+    learning_signal: float
+    interval: int
+    elapsed: int
+    threshold: Optional[float]
+    next_interval: int
+    next_outer_steps: int
+    replay_loss: Optional[float]  # mean loss of the replay steps that ran
+    replay_skipped: int  # replay steps skipped (non-finite loss or gradient)
+    fallback: Optional[str]  # set when the fusion was not finite and the replay update was dropped
+
+
+class SelectBestRecord(TypedDict):
+    task: str
+    task_index: int
+    event: Literal["select_best"]
+    step: int  # the step whose adapter was kept
+    val_loss: float
+
+
+EVENTS = ("task_start", "step", "merge", "select_best")
+
+
+def read_trace(path: str | os.PathLike) -> list[dict]:
+    """Read a (possibly user-supplied) JSON-lines file; any problem is a one-line :class:`UserError`."""
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}: line {n}: not JSON ({e.msg})") from None
+                if not isinstance(rec, dict):
+                    raise UserError(f"{path}: line {n}: expected a JSON object")
+                records.append(rec)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a trace file (not UTF-8 text)") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror}") from None
+    return records
+
+
+@dataclass
+class TaskTrace:
+    """The trace records of one stage (one task), split by event."""
+
+    index: int  # stage index (0-based), as task_index in the trace
+    name: str
+    label: str = ""  # "<method> on <model>", for titles
+    steps: list[dict] = field(default_factory=list)
+    merges: list[dict] = field(default_factory=list)
+    controller: Optional[dict] = None  # merge-controller settings of the task_start record
+    best: Optional[dict] = None  # select_best record: the step whose adapter was kept
+
+    @property
+    def stem(self) -> str:
+        return f"{self.index:02d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', self.name)}"
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def split_tasks(records: list[dict], label: str = "") -> list[TaskTrace]:
+    """Group trace records by task, in order of first appearance; unknown events are ignored."""
+    tasks: dict[tuple[int, str], TaskTrace] = {}
+    for rec in records:
+        name = rec.get("task")
+        if name is None:
+            continue
+        index = rec.get("task_index")
+        index = index if isinstance(index, int) and not isinstance(index, bool) else len(tasks)
+        trace = tasks.setdefault((index, str(name)), TaskTrace(index, str(name), label))
+        event = rec.get("event", "step")
+        if event == "step" and _is_number(rec.get("step")):
+            trace.steps.append(rec)
+        elif event == "merge" and _is_number(rec.get("step")):
+            trace.merges.append(rec)
+        elif event == "task_start" and isinstance(rec.get("controller"), dict):
+            trace.controller = rec["controller"]
+        elif event == "select_best":
+            trace.best = rec
+    return list(tasks.values())
