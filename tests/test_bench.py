@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from aimmerging.bench import run_bench
 from aimmerging.config import build_config
 from aimmerging.errors import ConfigError
-from aimmerging.training.runner import run
+from aimmerging.runs.runner import run_config as run
 
 from helpers import DATA_DIR
 
@@ -79,8 +79,10 @@ def test_sharing_the_first_stage_is_exact(tmp_path):
 
 
 def test_bench_config_errors_are_one_line(tmp_path):
-    with pytest.raises(ConfigError, match="methods: unknown"):
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
         run_bench(_config(tmp_path, methods=["seq", "nope"]), tmp_path / "o", isolate=False)
+    with pytest.raises(ConfigError, match="'single' is not compared by the bench"):
+        run_bench(_config(tmp_path, methods=["seq", "single"]), tmp_path / "o", isolate=False)
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"run": {**RUN, "lr": "fast"}}))
     with pytest.raises(ConfigError):
@@ -95,7 +97,7 @@ def test_attention_flops_are_counted_on_cpu(causal):
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    from aimmerging.throughput import _cpu_attention_flops
+    from aimmerging.bench.throughput import _cpu_attention_flops
 
     b, h, s, d = 2, 4, 16, 8
     q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))

@@ -65,7 +65,7 @@ def test_bad_task_file(tmp_path, capsys, case):
     (["--tasks", "alpha,nope"], "no train file for task 'nope'"),
     (["--benchmark", "no-such-bench", "--tasks", ""], "unknown benchmark 'no-such-bench'"),
     (["--model", "/no/such/model"], "unknown model '/no/such/model'"),
-    (["--method", "magic"], "method: 'magic' is not one of"),
+    (["--method", "magic"], "unknown method 'magic'"),
     (["--lr", "fast"], "lr: expected float, got 'fast'"),
     (["--batch-size", "3"], "batch_size (3) must be a multiple of micro_batch_size (2)"),
     (["--metric", "alpha=bleu"], "metric: 'bleu' for task 'alpha'"),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from aimmerging.config import FIELDS, NON_RESULT_FIELDS, RunConfig, build_config, coerce, load_yaml
+from aimmerging.config import FIELDS, NON_RESULT_FIELDS, RunConfig, build_config, load_yaml
+from aimmerging.settings import coerce
 from aimmerging.controller import ControllerConfig
 from aimmerging.errors import ConfigError
 
@@ -25,10 +26,10 @@ def test_defaults():
 
 def test_yaml_values_are_coerced():
     c = build_config({"lr": "1e-3", "max_steps": 12, "epochs": "3", "adaptive": "false", "tasks": "a,b",
-                      "lora_dropout": 0, "metric": {"t1": "rougeL"}})
+                      "lora_dropout": 0, "metric": {"t1": "rougeL"}, "method": "aimmerging"})
     assert c.lr == 1e-3 and isinstance(c.lr, float)
     assert c.max_steps == 12 and c.epochs == 3
-    assert c.adaptive is False
+    assert c.settings.adaptive is False
     assert c.tasks == ["a", "b"]
     assert c.lora_dropout == 0.0 and isinstance(c.lora_dropout, float)
     assert c.metric == {"t1": "rougeL"}
@@ -137,19 +138,28 @@ def test_metric_value_validated():
 @pytest.mark.parametrize("value, expected", [("true", True), ("Yes", True), ("1", True), ("false", False),
                                              ("NO", False), ("0", False), (True, True), (False, False)])
 def test_bool_values(value, expected):
-    assert coerce("progress", value) is expected
+    assert coerce(RunConfig, "progress", value) is expected
 
 
 # -- validation ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("field, value", [
-    ("method", "ewc"), ("dtype", "int8"), ("schedule", "fixed"), ("prompt_format", "xml"),
-    ("signal_normalizer", "steps"), ("probe_mode", "test"), ("outer_optimizer", "sgd"),
-    ("eval_scope", "some"), ("mixed_precision", "fp8"),
+    ("dtype", "int8"), ("prompt_format", "xml"), ("eval_scope", "some"), ("mixed_precision", "fp8"),
+    ("probe_mode", "test"), ("outer_optimizer", "sgd"), ("fusion", "average"),
 ])
 def test_choices_validated(field, value):
-    msg = config_error({field: value})
-    assert msg.startswith(f"{field}: '{value}' is not one of")
+    for method in ("seq", "aimmerging"):  # another method's option is checked too, then ignored
+        msg = config_error({field: value, "method": method})
+        assert f"{field}: '{value}' is not one of" in msg, msg
+
+
+@pytest.mark.parametrize("field, value", [("schedule", "weekly"), ("signal_normalizer", "steps")])
+def test_controller_choices_validated(field, value):
+    assert value in config_error({field: value, "method": "aimmerging"})
+
+
+def test_unknown_method_is_one_line():
+    assert config_error({"method": "ewc-typo"}).startswith("unknown method 'ewc-typo'")
 
 
 @pytest.mark.parametrize("method", ["seq", "replay", "mtl", "single", "aimmerging", "merge-fixed", "merge-end"])
@@ -184,34 +194,52 @@ def test_out_of_range_values_name_the_field(field, value):
     {"threshold_factor": 0.0},
 ])
 def test_invalid_merging_options(values):
-    assert config_error(values).startswith("merging options: ")
+    assert config_error({**values, "method": "aimmerging"}).startswith("aimmerging settings: ")
+    assert config_error(values).startswith("MergingSettings options: ")  # checked even for another method
 
 
-# -- controller_config -----------------------------------------------------------------------------
+# -- controller config of the merging methods -----------------------------------------------------
+
+def _controller(values: dict) -> ControllerConfig:
+    c = build_config(values)
+    return c.settings.controller_config(c.method_class.forced_schedule)
+
 
 def test_controller_config_maps_merge_fixed_and_merge_end():
-    assert build_config({"method": "merge-fixed"}).controller_config().schedule == "fixed"
-    assert build_config({"method": "merge-end"}).controller_config().schedule == "end"
-    assert build_config({"method": "merge-fixed", "schedule": "paper"}).controller_config().schedule == "fixed"
+    assert _controller({"method": "merge-fixed"}).schedule == "fixed"
+    assert _controller({"method": "merge-end"}).schedule == "end"
+    assert _controller({"method": "merge-fixed", "schedule": "paper"}).schedule == "fixed"
 
 
 def test_controller_config_uses_schedule_for_aimmerging():
-    assert build_config({"method": "aimmerging"}).controller_config().schedule == "reference"
-    assert build_config({"method": "aimmerging", "schedule": "paper"}).controller_config().schedule == "paper"
+    assert _controller({"method": "aimmerging"}).schedule == "reference"
+    assert _controller({"method": "aimmerging", "schedule": "paper"}).schedule == "paper"
+    assert _controller({"method": "aimmerging", "schedule": "fixed"}).schedule == "fixed"  # = merge-fixed
 
 
 def test_controller_config_copies_merging_fields():
-    c = build_config({"method": "aimmerging", "initial_interval": 4, "initial_outer_steps": 2, "min_interval": 3,
-                      "max_interval": 64, "cold_start": 1, "threshold_factor": 1.5, "adaptive": False,
-                      "signal_normalizer": "elapsed", "end_outer_steps": 9, "fixed_w_in": 0.7, "fixed_w_out": 0.3})
-    assert c.controller_config() == ControllerConfig(
+    c = _controller({"method": "aimmerging", "initial_interval": 4, "initial_outer_steps": 2, "min_interval": 3,
+                     "max_interval": 64, "cold_start": 1, "threshold_factor": 1.5, "adaptive": False,
+                     "signal_normalizer": "elapsed", "end_outer_steps": 9, "fixed_w_in": 0.7, "fixed_w_out": 0.3})
+    assert c == ControllerConfig(
         schedule="reference", initial_interval=4, initial_outer_steps=2, min_interval=3, max_interval=64,
         cold_start=1, threshold_factor=1.5, adaptive=False, signal_normalizer="elapsed", end_outer_steps=9,
         fixed_w_in=0.7, fixed_w_out=0.3)
 
 
 def test_default_controller_config_is_reference_default():
-    assert build_config({"method": "aimmerging"}).controller_config() == ControllerConfig()
+    assert _controller({"method": "aimmerging"}) == ControllerConfig()
+
+
+def test_method_settings_are_declared_once_and_saved_flat():
+    from dataclasses import fields
+
+    c = build_config({"method": "aimmerging", "initial_interval": 4})
+    saved = c.to_dict()
+    for f in fields(ControllerConfig):  # the controller's options are the method's options
+        assert f.name in saved and f.metadata["help"]
+    assert saved["initial_interval"] == 4 and build_config(saved) == c
+    assert "replay_ratio" not in saved and "initial_interval" not in build_config({"replay_ratio": 1}).to_dict()
 
 
 # -- fingerprint ------------------------------------------------------------------------------------
@@ -263,7 +291,7 @@ def test_load_yaml_errors(tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n", encoding="utf-8")
     (tmp_path / "bad.yaml").write_text("a: [1, 2\n", encoding="utf-8")
     (tmp_path / "empty.yaml").write_text("", encoding="utf-8")
-    with pytest.raises(ConfigError, match="must be a mapping"):
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
         load_yaml(tmp_path / "list.yaml")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_yaml(tmp_path / "bad.yaml")

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from aimmerging.cli.main import main
-from aimmerging.training import runner as runner_module
+from aimmerging.runs import process as runner_module
 
 from helpers import tiny_args
 

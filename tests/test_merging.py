@@ -106,16 +106,16 @@ def test_ablations_merge_without_probing(tmp_path, data_dir, method, capsys):
 def test_non_finite_values_never_corrupt_the_adapter(tmp_path, data_dir, monkeypatch):
     """A NaN probe is recorded and skipped; a NaN adapter falls back to the anchor; NaN replay
     steps are skipped; the run finishes with a finite adapter."""
+    from aimmerging.methods.aimmerging import Merging
     from aimmerging.training import engine as engine_mod
-    from aimmerging.training import loop as loop_mod
 
     calls = {"probe": 0, "replay": 0}
-    real_probe = loop_mod.TaskSession.probe
+    real_probe = Merging.probe
     real_replay = engine_mod.Engine.replay_step
 
-    def probe(self):
+    def probe(self, view):
         calls["probe"] += 1
-        return math.nan if calls["probe"] in (3, 4) else real_probe(self)
+        return math.nan if calls["probe"] in (3, 4) else real_probe(self, view)
 
     def replay_step(self, examples, optimizer, loss_scale):
         calls["replay"] += 1
@@ -124,7 +124,7 @@ def test_non_finite_values_never_corrupt_the_adapter(tmp_path, data_dir, monkeyp
                 self.params[0].fill_(math.nan)
         return real_replay(self, examples, optimizer, loss_scale)
 
-    monkeypatch.setattr(loop_mod.TaskSession, "probe", probe)
+    monkeypatch.setattr(Merging, "probe", probe)
     monkeypatch.setattr(engine_mod.Engine, "replay_step", replay_step)
     out = tmp_path / "run"
     assert main(tiny_args(out, data_dir, method="aimmerging", steps=12, threshold_factor=1.0)) == 0

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Mapping
 
 from .config import build_config
@@ -72,4 +73,6 @@ def run(stream: Any = None, method: str | type[Method] | Method = "seq", model: 
     cfg = build_config(overrides=values, source="settings", method=method)
     instance = method if isinstance(method, Method) else None
     run_dir = RunDirectory(output_dir) if output_dir is not None else None
-    return Runner(cfg, stream=stream, model=loaded, method=instance, run_dir=run_dir).run()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")  # raised by peft, harmless
+        return Runner(cfg, stream=stream, model=loaded, method=instance, run_dir=run_dir).run()

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ConfigError
+from .evaluation.scoring import METRICS as METRIC_NAMES
 from .methods import METHODS, Method, load_builtin_methods, resolve_method
 from .settings import build, check_choices, coerce, option, option_fields
 
-METRIC_NAMES = ("exact_match", "rougeL")
 # Fields that do not change what a run computes: they may differ when a run is resumed.
 NON_RESULT_FIELDS = frozenset({"output_dir", "overwrite", "progress", "threads", "fwt_reference"})
 SEED_MAX = 2**32 - 1
@@ -95,7 +95,7 @@ class RunConfig:
     threads: Optional[int] = _f(None, "torch CPU threads (default: torch's choice)", "run")
     mixed_precision: str = _f("no", "accelerate mixed precision", "run", ("no", "bf16", "fp16"))
     # -- the chosen method's own settings (an instance of its Settings dataclass, or None) ---------
-    settings: Any = field(default=None, repr=False, compare=False)
+    settings: Any = field(default=None, repr=False)
 
     # -------------------------------------------------------------------------------------------------
     def validate(self) -> "RunConfig":
@@ -195,9 +195,12 @@ def build_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str,
     """Defaults, then ``yaml_values``, then ``overrides`` (flags); everything coerced and validated.
     ``method`` (a class or an instance, from the Python API) wins over a ``method`` key."""
     merged: dict[str, tuple[str, Any]] = {}
+    spelled: dict[str, str] = {}  # the key as the user wrote it, for messages
     for origin, mapping in ((source, yaml_values or {}), ("flags", overrides or {})):
         for key, value in mapping.items():
-            merged[str(key).replace("-", "_")] = (origin, value)
+            name = str(key).replace("-", "_")
+            merged[name] = (origin, value)
+            spelled[name] = str(key)
     if method is not None:
         merged["method"] = ("api", method if isinstance(method, str) else _method_label(method))
     method_spec = method if method is not None and not isinstance(method, str) else merged.get("method", (None, "seq"))[1]
@@ -208,6 +211,7 @@ def build_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str,
     owners = method_option_owners()
     core: dict[str, Any] = {}
     mine: dict[str, Any] = {}
+    others: dict[type, dict[str, Any]] = {}
     for name, (origin, value) in merged.items():
         if name == "settings":
             raise ConfigError(f"{origin}: unknown option 'settings'")
@@ -215,13 +219,15 @@ def build_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str,
             core[name] = coerce(RunConfig, name, value)
         elif name in own:
             mine[name] = value
-        elif name in owners:
-            coerce(owners[name], name, value)  # checked, then ignored: it belongs to another method
+        elif name in owners:  # checked below, then ignored: it belongs to another method
+            others.setdefault(owners[name], {})[name] = value
         else:
             known = [*FIELDS, *own, *owners]
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"{origin}: unknown option '{name}'{hint}")
+            raise ConfigError(f"{origin}: unknown option '{spelled.get(name, name)}'{hint}")
+    for owner, values in others.items():
+        build(owner, values, origin=f"{owner.__name__} options")
     if isinstance(method_spec, Method):
         settings = method_spec.settings
     elif method_cls.Settings is not None:

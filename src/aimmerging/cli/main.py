@@ -13,7 +13,7 @@ import sys
 from ..errors import UserError
 from ..logs import process_rank, setup_logging
 
-COMMANDS = ("run_cmd", "data_cmd", "controller_cmd", "plot_cmd", "demo_cmd", "bench_cmd")
+COMMANDS = ("run_cmd", "methods_cmd", "data_cmd", "controller_cmd", "plot_cmd", "demo_cmd", "bench_cmd")
 
 
 class Parser(argparse.ArgumentParser):

@@ -51,9 +51,9 @@ class ControllerConfig:
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+            raise ValueError(f"schedule: '{self.schedule}' is not one of {', '.join(SCHEDULES)}")
         if self.signal_normalizer not in NORMALIZERS:
-            raise ValueError(f"signal_normalizer must be one of {', '.join(NORMALIZERS)}")
+            raise ValueError(f"signal_normalizer: '{self.signal_normalizer}' is not one of {', '.join(NORMALIZERS)}")
         if not 1 <= self.min_interval <= self.max_interval:
             raise ValueError("need 1 <= min_interval <= max_interval")
         if not self.min_interval <= self.initial_interval <= self.max_interval:

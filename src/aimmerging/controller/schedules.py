@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Optional
 
 from ..registry import Registry
 
-if TYPE_CHECKING:
-    from .core import MergeController
+MergeController = Any  # core.MergeController (core imports this module: no import back)
 
 HALVING_INTERVAL = 64  # reference: an interval >= 64 after shrinking is halved; growth uses +0.5 from here
 WEIGHT_SPLIT_INTERVAL = 70  # reference weight table: S <= 70 vs S > 70
@@ -55,14 +54,14 @@ class Schedule:
     needs_history_loss = True  # the controller must be fed a finite history loss every step
     signal_over_elapsed = False  # learning signal over the elapsed steps whatever signal_normalizer says
 
-    def on_step(self, c: "MergeController", step: int, history_loss: Optional[float]) -> Optional[Trigger]:
+    def on_step(self, c: MergeController, step: int, history_loss: Optional[float]) -> Optional[Trigger]:
         return None
 
-    def on_task_end(self, c: "MergeController", step: int) -> Optional[Trigger]:
+    def on_task_end(self, c: MergeController, step: int) -> Optional[Trigger]:
         """The others leave a partly completed interval unmerged, as the reference does."""
         return None
 
-    def adapt(self, c: "MergeController", signal: float) -> tuple[int, bool]:
+    def adapt(self, c: MergeController, signal: float) -> tuple[int, bool]:
         """(next interval, whether it adapted) after a merge with learning signal ``signal``."""
         return c.state.interval, False
 

@@ -57,7 +57,7 @@ class MergingSettings(ControllerConfig):
 @register_method
 class Merging(Method):
     name = "aimmerging"
-    paper = "AIMMerging (Feng et al., EMNLP 2025)"
+    paper = "AIMMerging (EMNLP 2025, arXiv 2509.17348)"
     summary = ("replay memory + merge controller: forgetting signal triggers merges, learning signal sets the "
                "interval, each merge fuses the new-task update with a replay update")
     Settings = MergingSettings
