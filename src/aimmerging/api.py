@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from .config import build_config
 from .data.stream import TaskStream
 from .errors import ConfigError
+from .logs import quiet_library_warnings
 from .methods import Method
 from .runs.results import RunResult
 from .runs.rundir import RunDirectory
@@ -74,5 +75,5 @@ def run(stream: Any = None, method: str | type[Method] | Method = "seq", model: 
     instance = method if isinstance(method, Method) else None
     run_dir = RunDirectory(output_dir) if output_dir is not None else None
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")  # raised by peft, harmless
+        quiet_library_warnings()
         return Runner(cfg, stream=stream, model=loaded, method=instance, run_dir=run_dir).run()

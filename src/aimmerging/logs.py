@@ -30,12 +30,19 @@ def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else level
     logging.basicConfig(level=level, format="[aimmerging] %(message)s", stream=sys.stderr)
     logging.getLogger("aimmerging").setLevel(level)
-    for noisy in ("transformers", "peft", "accelerate", "httpx", "huggingface_hub", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    for noisy in ("transformers", "peft", "accelerate", "httpx", "huggingface_hub", "filelock", "torch"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)  # torch: e.g. FakeTensor cache stats of the FLOP counter
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", module=r"(transformers|peft|accelerate|torch)\b")
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")  # raised by peft, harmless
+    quiet_library_warnings()
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def quiet_library_warnings() -> None:
+    """Warnings of the libraries that say nothing to a user of aimmerging."""
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")  # raised by peft, harmless
+    # a skipped (non-finite) first step: the schedule still advances, on purpose
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")

@@ -33,7 +33,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from ..trace import read_trace, split_tasks
 
     names = {f.name for f in fields(ControllerConfig)}
-    traces = split_tasks(read_trace(args.trace))
+    records = read_trace(args.trace)
+    for n, rec in enumerate(records, 1):
+        step = rec.get("step")
+        if rec.get("event", "step") in ("step", "merge") and (isinstance(step, bool) or not isinstance(step, (int, float))):
+            raise UserError(f"{args.trace}: line {n}: 'step' must be a number, got {step!r}")
+    traces = split_tasks(records)
     if args.task:
         chosen = [t for t in traces if t.name == args.task]
         if not chosen:

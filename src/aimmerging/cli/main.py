@@ -7,6 +7,7 @@ user can cause end in one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -36,21 +37,35 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def os_error_line(e: OSError) -> str:
+    """One line for an operating-system error: the path(s), then the cause."""
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    cause = e.strerror or str(e) or type(e).__name__
+    hint = "; free some space and rerun the same command to resume" if e.errno == errno.ENOSPC else ""
+    return f"{paths}: {cause}{hint}" if paths else f"{cause}{hint}"
+
+
+def _fail(message: str) -> int:
+    rank = process_rank()  # every process raises it; the others say which they are
+    line = " ".join(message.split("\n")[0].split()) if message else "failed"
+    print(f"aimmerging: error{f' (rank {rank})' if rank else ''}: {line}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parser = build_parser(argv)
     except UserError as e:
-        print(f"aimmerging: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        rank = process_rank()  # every process raises it; the others say which they are
-        print(f"aimmerging: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
+    except OSError as e:  # disk full, read-only or missing directory, a path under a file, ...
+        return _fail(os_error_line(e))
     except BrokenPipeError:  # output piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

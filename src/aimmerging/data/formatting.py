@@ -76,6 +76,7 @@ class Formatter:
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._cache: dict[tuple[str, str], Encoded] = {}
+        self._prompt_cache: dict[str, list[int]] = {}
         self.pad_to = pad_to  # pad every causal training batch to at least this width (None: the longest)
 
     def padded_to(self, width: int | None) -> "Formatter":
@@ -86,6 +87,14 @@ class Formatter:
 
     # -- token ids -------------------------------------------------------------------------
     def prompt_ids(self, text: str) -> list[int]:
+        """The prompt's token ids after truncation, tokenised once per distinct prompt (evaluation
+        sorts by length and then collates: a long prompt is not re-tokenised each time)."""
+        ids = self._prompt_cache.get(text)
+        if ids is None:
+            ids = self._prompt_cache[text] = self._tokenize_prompt(text)
+        return list(ids)
+
+    def _tokenize_prompt(self, text: str) -> list[int]:
         if self.kind == "causal" and self.prompt_format == "chat":
             ids = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)

@@ -326,6 +326,9 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     """Every plot of a run directory, written into ``RUN_DIR/plots/``; returns the paths written."""
     results, traces = load_run(run_dir)
     out_dir = Path(run_dir) / "plots"
+    if out_dir.is_dir():  # temporary files of a plotting run that was killed
+        for stray in out_dir.glob(".*.tmp"):
+            stray.unlink(missing_ok=True)
     written = [plot_accuracy_matrix(results, out_dir / "accuracy_matrix.png")]
     for trace in traces:
         written += plot_task(trace, out_dir)
