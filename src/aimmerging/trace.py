@@ -48,8 +48,9 @@ class StepRecord(TypedDict):
     delta_in_l1: Optional[float]  # sum |adapter - anchor| (merging methods)
     interval: NotRequired[int]  # planned merge interval in force (merging methods)
     threshold: NotRequired[Optional[float]]  # forgetting threshold in force (merging methods)
-    skipped: NotRequired[str]  # why the optimizer step was skipped
+    skipped: NotRequired[str]  # why the optimizer step was skipped: non-finite loss, gradient or adapter after the step
     fallback: NotRequired[str]  # what the adapter fell back to, and why
+    probe_skipped: NotRequired[str]  # why history_loss is null (a non-finite probe is not fed to the controller)
     val_loss: NotRequired[float]  # validation loss (model selection)
 
 
@@ -70,8 +71,16 @@ class MergeRecord(TypedDict):
     next_interval: int
     next_outer_steps: int
     replay_loss: Optional[float]  # mean loss of the replay steps that ran
-    replay_skipped: int  # replay steps skipped (non-finite loss or gradient)
+    replay_skipped: int  # replay steps skipped (non-finite loss, gradient or update)
     fallback: Optional[str]  # set when the fusion was not finite and the replay update was dropped
+
+
+class TaskEndAdapterRecord(TypedDict):
+    task: str
+    task_index: int
+    event: Literal["task_end_adapter"]
+    step: int
+    fallback: str  # the method's end-of-task adapter was not finite: the trained adapter was kept
 
 
 class SelectBestRecord(TypedDict):
@@ -82,7 +91,7 @@ class SelectBestRecord(TypedDict):
     val_loss: float
 
 
-EVENTS = ("task_start", "step", "merge", "select_best")
+EVENTS = ("task_start", "step", "merge", "select_best", "task_end_adapter")
 
 
 def read_trace(path: str | os.PathLike) -> list[dict]:

@@ -10,8 +10,14 @@ For every task after the first (the first has no memory and trains plainly), aft
 
 ``merge-fixed`` is this method with the ``fixed`` schedule (merge every S0 steps, fixed weights)
 and ``merge-end`` with the ``end`` schedule (one replay phase and fusion at the task end); neither
-probes the memory. A non-finite probe is recorded and not fed to the controller; a non-finite
-adapter (after a step or a fusion) falls back to the last good state and is recorded.
+probes the memory.
+
+Non-finite values: the engine skips every optimizer step (inner or replay) whose loss, gradient or
+resulting adapter is not finite, so the anchor and theta_k are always finite. A non-finite history
+loss is recorded as null with ``probe_skipped`` and not fed to the controller. The fall-backs stay
+as a second line of defence: an adapter that is not finite after a step (only a method hook could
+make it so) falls back to the anchor; a fusion whose result is not finite is never written and
+the adapter falls back to theta_k (the replay update is dropped); both are recorded (``fallback``).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from typing import ClassVar, Optional
 import torch
 
 from ..controller import ControllerConfig, MergeController, MergeDecision
-from ..fusion import FUSION_RULES, fuse_in_place
+from .. import fusion
+from ..fusion import FUSION_RULES
 from ..models.lora import all_finite, l1_distance, restore, snapshot
 from ..settings import option
 from . import register_method
@@ -107,7 +114,11 @@ class Merging(Method):
         if c.needs_history_loss:
             with view.timed("probe"):
                 h = self.probe(view)
-            record["history_loss"] = h if math.isfinite(h) else None
+            if math.isfinite(h):
+                record["history_loss"] = h
+            else:
+                record["history_loss"] = None
+                record["probe_skipped"] = "non-finite history loss"
         with view.timed("bookkeeping"):
             if not all_finite(view.params):
                 restore(view.params, self.anchor)
@@ -135,8 +146,9 @@ class Merging(Method):
             losses = self.replay(view, d.outer_steps)
         fallback = None
         with view.timed("bookkeeping"):
-            fuse_in_place(view.params, self.anchor, theta_k, d.w_in, d.w_out, self.settings.fusion)
-            if not all_finite(view.params):
+            # the module attribute, so that a test can fault the fusion by patching aimmerging.fusion
+            fused = fusion.fuse_in_place(view.params, self.anchor, theta_k, d.w_in, d.w_out, self.settings.fusion)
+            if fused is False or not all_finite(view.params):  # non-finite fusion: not written, or undone
                 restore(view.params, theta_k)
                 fallback = "theta_k (non-finite fusion: replay update dropped)"
             self.anchor = snapshot(view.params)

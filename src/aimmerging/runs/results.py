@@ -98,7 +98,28 @@ def summary_markdown(results: dict[str, Any]) -> str:
     m = results["metrics"]
     lines += ["", f"OP {fmt_number(m['op'])} | BWT {fmt_number(m['bwt'], True)} | FWT {fmt_number(m['fwt'], True)}"
               + ("" if results["complete"] else "  (run not complete)")]
+    skipped = _skipped_line(results.get("stages") or [])
+    if skipped:
+        lines += ["", skipped]
     return "\n".join(lines)
+
+
+def _skipped_line(stages: Sequence[dict]) -> Optional[str]:
+    """One line on the optimizer steps the engine skipped (non-finite loss, gradient or update)
+    over the stage records, or None when none was; e.g. ``Skipped: 3 of 24 inner steps
+    (non-finite loss, gradient or update); see trace.jsonl``."""
+    def total(key: str) -> int:
+        return sum(int(s.get(key) or 0) for s in stages)
+
+    inner, replay, steps = total("skipped_steps"), total("skipped_replay_steps"), total("steps")
+    if not inner and not replay:
+        return None
+    parts = []
+    if inner:
+        parts.append(f"all {steps} inner steps" if inner == steps else f"{inner} of {steps} inner steps")
+    if replay:
+        parts.append(f"{replay} replay step{'s' if replay != 1 else ''}")
+    return f"Skipped: {' and '.join(parts)} (non-finite loss, gradient or update); see trace.jsonl"
 
 
 @dataclass

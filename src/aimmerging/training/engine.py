@@ -9,16 +9,23 @@ Every process runs the same sequence of forward passes and collectives: a proces
 of a small list is empty (fewer examples than processes) runs a forward pass on a stand-in
 example with every label masked, so it contributes exactly zero to the loss and the gradients
 while DDP (or FSDP) sees the same calls on every rank.
+
+A non-finite value never reaches the adapter through an optimizer step: an update whose loss,
+gradient or resulting adapter is not finite (NaN, +-inf) is skipped (see :meth:`Engine._finish_step`),
+and the step reports why (:data:`SKIP_LOSS`, :data:`SKIP_GRADIENT`, :data:`SKIP_UPDATE`).
+:data:`FAULTS` is a test hook that injects such faults at chosen steps (off by default).
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Collection, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +36,91 @@ from ..methods.base import LossInputs
 from ..models.lora import lora_parameters
 
 ExtraLoss = Callable[[LossInputs], Optional[torch.Tensor]]
+
+# Why an optimizer step was skipped (the ``skipped`` field of a step's trace record).
+SKIP_LOSS = "non-finite loss"
+SKIP_GRADIENT = "non-finite gradient"
+SKIP_UPDATE = "non-finite adapter after the optimizer step"
+
+FAULT_KINDS = ("loss", "gradient", "update")
+Calls = Union[Collection[int], bool]  # call numbers (1-based), or True for every call
+
+
+@dataclass
+class FaultInjector:
+    """Test hook: makes chosen optimizer steps non-finite, to exercise the guards of
+    :meth:`Engine._finish_step` without extreme options.
+
+    Every optimizer step the engine attempts (:meth:`Engine.inner_step` and
+    :meth:`Engine.replay_step` alike, in the order they run in this process) is one *call*,
+    numbered from 1. For each kind, the calls it hits: a collection of call numbers, or True for
+    every call.
+
+    * ``loss``: the step's (reduced) loss is replaced by NaN after the backward passes;
+    * ``gradient``: the first LoRA tensor's gradient is filled with NaN before clipping;
+    * ``update``: the first LoRA tensor is filled with NaN right after ``optimizer.step()``, as an
+      update that overflowed would leave it.
+
+    ``fired`` lists ``(call, kind, where)`` for each fault injected (``where``: ``"inner"`` or
+    ``"replay"``), so a test can tell which kind of step it hit. Install it for a test with
+    ``monkeypatch.setattr(aimmerging.training.engine, "FAULTS", FaultInjector(update={3}))``;
+    the engine reads :data:`FAULTS` at every step and does nothing more while it is None.
+    """
+
+    loss: Calls = ()
+    gradient: Calls = ()
+    update: Calls = ()
+    calls: int = 0
+    fired: list = field(default_factory=list)
+
+    def next_call(self, where: str) -> frozenset[str]:
+        """Count one optimizer step; the kinds of fault to inject into it."""
+        self.calls += 1
+        kinds = frozenset(k for k in FAULT_KINDS if _hits(getattr(self, k), self.calls))
+        self.fired.extend((self.calls, k, where) for k in FAULT_KINDS if k in kinds)
+        return kinds
+
+
+def _hits(calls: Calls, n: int) -> bool:
+    return calls is True or (calls is not False and n in calls)
+
+
+FAULTS: Optional[FaultInjector] = None  # the fault-injection hook: None (off) outside tests
+
+_NO_FAULTS: frozenset[str] = frozenset()
+
+
+def _faults(where: str) -> frozenset[str]:
+    return _NO_FAULTS if FAULTS is None else FAULTS.next_call(where)
+
+
+@torch.no_grad()
+def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every entry of ``tensors`` is finite, with one device synchronisation when they
+    share a device."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    if len({f.device for f in flags}) == 1:
+        return bool(torch.stack(flags).all())
+    return all(bool(f) for f in flags)
+
+
+def _optimizer_state(optimizer) -> list:
+    """A copy of the per-parameter state of ``optimizer`` (AdamW: step, exp_avg, exp_avg_sq)."""
+    saved = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            saved.append((p, {k: v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v)
+                              for k, v in state.items()} if state else None))
+    return saved
+
+
+def _restore_optimizer_state(optimizer, saved: list) -> None:
+    for p, state in saved:
+        if state is None:
+            optimizer.state.pop(p, None)
+        else:
+            optimizer.state[p] = state
 
 
 class Timers:
@@ -156,20 +248,59 @@ class Engine:
         return self._reduce(local) / max(1, self.label_tokens(examples))
 
     # -- optimizer steps -------------------------------------------------------------------------------
-    def _finish_step(self, optimizer) -> bool:
-        """Clip and step unless the gradient is not finite; always clears the gradients."""
+    def _finish_step(self, optimizer, faults: frozenset[str] = _NO_FAULTS) -> Optional[str]:
+        """Clip and step; always clears the gradients. Returns None when the step was taken, or why
+        it was skipped:
+
+        * the gradient norm is not finite: no step (:data:`SKIP_GRADIENT`);
+        * the adapter is not finite after ``optimizer.step()`` (e.g. 0/0 in Adam with eps 0, an
+          infinite learning rate): the adapter *and the optimizer's state* are put back as they
+          were before the step (:data:`SKIP_UPDATE`).
+
+        Either way a skipped step leaves no trace in the adapter or the optimizer (moments and step
+        count as before, so Adam's bias correction does not count it), exactly as a step skipped for
+        a non-finite loss, which never reaches this point. The LR scheduler is the caller's: it
+        still advances. The snapshot taken before every step is a copy of the LoRA tensors and
+        their optimizer state (small); the step's arithmetic is unchanged."""
+        if "gradient" in faults:
+            self._poison_gradient()
         norm = self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
-        ok = norm is None or math.isfinite(float(norm))
-        if ok:
-            optimizer.step()
+        if norm is not None and not math.isfinite(float(norm)):
+            optimizer.zero_grad(set_to_none=True)
+            return SKIP_GRADIENT
+        with torch.no_grad():
+            before = [p.detach().clone() for p in self.params]
+        state = _optimizer_state(optimizer)
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return ok
+        if "update" in faults:
+            with torch.no_grad():
+                self.params[0].fill_(math.nan)
+        bad = not _all_finite(self.params)
+        if self.accelerator.num_processes > 1:  # the same decision on every process
+            bad = self._reduce(float(bad)) > 0
+        if bad:
+            with torch.no_grad():
+                for p, v in zip(self.params, before):
+                    p.copy_(v)
+            _restore_optimizer_state(optimizer, state)
+            return SKIP_UPDATE
+        return None
+
+    @torch.no_grad()
+    def _poison_gradient(self) -> None:
+        p = self.params[0]
+        if p.grad is None:
+            p.grad = torch.full_like(p, math.nan)
+        else:
+            p.grad.fill_(math.nan)
 
     def inner_step(self, micro_batches: Sequence[Sequence[Example]], optimizer, scheduler,
                    extra_loss: ExtraLoss | None = None) -> dict:
         """One optimizer update over ``micro_batches`` (gradient accumulation): each micro-batch's
         mean answer loss (plus the method's extra term) divided by the number of micro-batches, as
-        HF Trainer does."""
+        HF Trainer does. ``skipped`` in the result: None, or why the update was skipped."""
+        faults = _faults("inner")
         lr = optimizer.param_groups[0]["lr"]
         local, tokens = [], 0
         for i, mb in enumerate(micro_batches):
@@ -178,21 +309,29 @@ class Engine:
                                        extra_loss=extra_loss) / n)
             tokens += sum(self.formatter.length(e) for e in mb)
         loss = self._reduce(sum(local)) / len(micro_batches)
-        ok = math.isfinite(loss) and self._finish_step(optimizer)
-        if not ok:
+        if "loss" in faults:
+            loss = math.nan
+        if math.isfinite(loss):
+            skipped = self._finish_step(optimizer, faults)
+        else:
             optimizer.zero_grad(set_to_none=True)
+            skipped = SKIP_LOSS
         scheduler.step()
-        return {"train_loss": loss if math.isfinite(loss) else None, "lr": lr, "tokens": tokens, "skipped": not ok}
+        return {"train_loss": loss if math.isfinite(loss) else None, "lr": lr, "tokens": tokens, "skipped": skipped}
 
     def replay_step(self, examples: Sequence[Example], optimizer, loss_scale: float) -> float | None:
         """One replay (outer) update on a memory batch, chunked into micro-batches with the same
         gradient as one batch; the LR scheduler is not stepped. Returns the batch's mean loss, or
-        None when it was not finite (the update is then skipped)."""
+        None when the update was skipped (a non-finite loss, gradient or adapter: see
+        :meth:`_finish_step`)."""
+        faults = _faults("replay")
         total = self.label_tokens(examples)
         chunks = [examples[k:k + self.micro_batch_size] for k in range(0, len(examples), self.micro_batch_size)]
         local = sum(self.backward(c, loss_scale, sync=i == len(chunks) - 1, total_tokens=total) for i, c in enumerate(chunks))
         loss = self._reduce(local) / total
+        if "loss" in faults:
+            loss = math.nan
         if not math.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)
             return None
-        return loss if self._finish_step(optimizer) else None
+        return loss if self._finish_step(optimizer, faults) is None else None

@@ -11,6 +11,11 @@ The loop, top to bottom, for each inner step g = 1 .. max_steps:
 4. optionally the validation loss, to keep the best adapter (``--select-best-every``);
 5. one trace record.
 
+A step whose loss, gradient or update is not finite is skipped by the engine (the adapter and the
+optimizer's state stay as they were); its record says why (``skipped``) and the stage's report
+counts it (``skipped_steps``; ``skipped_replay_steps`` for the merges' replay steps). Trace
+records are strict JSON: a non-finite float is written as null.
+
 ``method.before_task`` / ``method.after_task`` / ``method.task_end_adapter`` run around the loop.
 Methods see the stage through a :class:`StageView` (the ``TrainingView`` of ``methods.base``).
 """
@@ -29,8 +34,9 @@ from transformers import get_linear_schedule_with_warmup
 
 from ..data.memory import ReplayMemory
 from ..data.olora import Example
+from ..io import json_safe
 from ..methods.base import Method, StageInfo
-from ..models.lora import restore, snapshot
+from ..models.lora import all_finite, restore, snapshot
 from .engine import Engine, Timers
 from .stages import Stage
 
@@ -145,16 +151,18 @@ def train_stage(engine: Engine, cfg: TrainSettings, stage: Stage, train: list[Ex
     length = engine.formatter.length if cfg.group_by_length else None
     stream = micro_batch_stream(train, cfg.micro_batch_size, rng, length)
     is_main = engine.accelerator.is_main_process
-    merges = 0
+    merges = replay_skipped = 0
 
     def emit(record: dict) -> None:
-        nonlocal merges
-        record = {"task": stage.name, "task_index": stage.index, **record}
-        merges += record.get("event") == "merge"
+        nonlocal merges, replay_skipped
+        record = json_safe({"task": stage.name, "task_index": stage.index, **record})  # NaN/inf -> null
+        if record.get("event") == "merge":
+            merges += 1
+            replay_skipped += record.get("replay_skipped") or 0
         if sink is not None:
             sink.append(record)
         if trace is not None:
-            trace.write(json.dumps(record) + "\n")
+            trace.write(json.dumps(record, allow_nan=False) + "\n")
             trace.flush()
 
     view = StageView(engine, cfg, stage, memory, max_steps, optimizer, timers, emit)
@@ -171,12 +179,12 @@ def train_stage(engine: Engine, cfg: TrainSettings, stage: Stage, train: list[Ex
         with timers.section("inner"):
             stats = engine.inner_step(micro, optimizer, scheduler, extra_loss=extra_loss)
         tokens += stats["tokens"]
-        skipped += stats["skipped"]
         view.step = step
         record = {"event": "step", "step": step, "train_loss": stats["train_loss"], "lr": stats["lr"],
                   "history_loss": None, "delta_in_l1": None}
         if stats["skipped"]:
-            record["skipped"] = "non-finite loss or gradient"
+            skipped += 1
+            record["skipped"] = stats["skipped"]  # non-finite loss, gradient or update (engine.SKIP_*)
         extra = method.after_step(view, record) or []
         if val and cfg.select_best_every and step % cfg.select_best_every == 0:
             with timers.section("validation"):
@@ -196,9 +204,13 @@ def train_stage(engine: Engine, cfg: TrainSettings, stage: Stage, train: list[Ex
         emit({"event": "select_best", "step": best["step"], "val_loss": best["loss"]})
     replacement = method.task_end_adapter(view)
     if replacement is not None:
-        restore(engine.params, replacement)
+        if all_finite(replacement):
+            restore(engine.params, replacement)
+        else:  # a non-finite value never reaches the adapter: keep the trained one
+            emit({"event": "task_end_adapter", "step": max_steps,
+                  "fallback": "trained adapter (non-finite task_end_adapter values dropped)"})
     return {"steps": max_steps, "merges": merges, "tokens": tokens, "skipped_steps": skipped,
-            "best_step": best["step"]}
+            "skipped_replay_steps": replay_skipped, "best_step": best["step"]}
 
 
 def _extra_loss_hook(method: Method, view: StageView):
