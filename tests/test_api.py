@@ -180,7 +180,10 @@ def test_cli_choices_read_the_registries(capsys):
     helptext = run.format_help()
     for name in aimmerging.METHODS.names():
         assert name in helptext
-    assert "{reference,paper,fixed,end}" in helptext and "{weighted-sum}" in helptext
+    from aimmerging.controller import SCHEDULES
+    from aimmerging.fusion import FUSION_RULES
+
+    assert "{" + ",".join(SCHEDULES) + "}" in helptext and "{" + ",".join(FUSION_RULES) + "}" in helptext
 
 
 def test_a_schedule_and_a_fusion_rule_can_be_added_from_outside():

@@ -56,7 +56,7 @@ def run(stream: Any = None, method: str | type[Method] | Method = "seq", model: 
     stream = as_stream(stream)
     values = dict(settings)
     if stream is not None:
-        clash = {"tasks", "benchmark", "data_dir"} & set(values)
+        clash = {"tasks", "benchmark", "data_dir", "data"} & set(values)
         if clash:
             raise ConfigError(f"{', '.join(sorted(clash))}: the stream is given; these settings name another one")
         values["tasks"] = stream.tasks

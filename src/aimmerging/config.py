@@ -48,6 +48,9 @@ class RunConfig:
     order: int = _f(1, "task order of the benchmark (1-3; superni 1-2)", "stream")
     tasks: Optional[list[str]] = _lf("explicit comma-separated task list (overrides --benchmark)", "stream")
     data_dir: Optional[str] = _f(None, "O-LoRA data directory with train/dev/test/<task>.json", "stream")
+    data: Optional[str] = _f(None, "task-stream YAML naming each task's train/test/dev files (JSONL, JSON, CSV, Parquet, datasets dirs)", "stream")
+    input_field: Optional[str] = _f(None, "--data: column holding the prompt (default 'input'; chat data: 'messages')", "stream")
+    output_field: Optional[str] = _f(None, "--data: column holding the answer (default 'output')", "stream")
     train_cap: Optional[int] = _f(None, "at most this many training examples per task (class-balanced, seeded)", "stream")
     eval_cap: Optional[int] = _f(None, "at most this many test examples per task (class-balanced, seeded)", "stream")
     memory_ratio: float = _f(2.0, "replay memory: percent of each earlier task's training set (reference rule)", "stream")
@@ -126,6 +129,8 @@ class RunConfig:
         need(0 <= self.adam_beta2 < 1, f"adam_beta2: must be in [0, 1), got {self.adam_beta2}")
         need(self.adam_eps > 0, f"adam_eps: must be > 0, got {self.adam_eps}")
         need(0 <= self.seed <= SEED_MAX, f"seed: must be in [0, {SEED_MAX}], got {self.seed}")
+        need(not (self.data and (self.data_dir or self.benchmark)),
+             "data: a task-stream file names the whole stream; drop --data-dir / --benchmark")
         if self.metric:
             for task, m in self.metric.items():
                 need(m in METRIC_NAMES, f"metric: '{m}' for task '{task}' is not one of {', '.join(METRIC_NAMES)}")
@@ -157,8 +162,9 @@ class RunConfig:
         """The options that decide what a run computes (a resumed run must match them), with
         paths normalised (``data/`` and ``data`` are the same directory)."""
         out = {k: v for k, v in self.to_dict().items() if k not in NON_RESULT_FIELDS}
-        if out.get("data_dir"):
-            out["data_dir"] = os.path.normpath(out["data_dir"])
+        for key in ("data_dir", "data"):
+            if out.get(key):
+                out[key] = os.path.normpath(out[key])
         return out
 
     def fingerprint_hash(self) -> str:

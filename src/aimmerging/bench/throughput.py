@@ -213,7 +213,8 @@ def main(argv: list[str]) -> int:
     cfg = build_config(load_yaml(argv[0]))
     steps = int(argv[2]) if len(argv) > 2 else 3
     runner = Runner(cfg)
-    engine = build_engine(cfg, runner.accelerator).engine
+    engine = build_engine(cfg, runner.accelerator,
+                          rank_multiplier=runner.method.adapter_rank_multiplier(len(runner.tasks))).engine
     examples = runner.data[runner.tasks[0]].train
     peak = matmul_peak()
     study = lever_study(engine, cfg, examples, steps=steps, peak=peak)

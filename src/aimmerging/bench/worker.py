@@ -11,6 +11,7 @@ def main(argv: list[str]) -> int:
     from ..errors import UserError
     from ..logs import setup_logging
     from ..reporting.plots import plot_run
+    from ..runs.rundir import RunDirectory
     from ..runs.runner import run_config
 
     setup_logging(verbose=False)
@@ -19,8 +20,12 @@ def main(argv: list[str]) -> int:
         if "--no-progress" in argv[1:]:
             values["progress"] = False
         cfg = build_config(values, source=argv[0])
-        run_config(cfg)
-        plot_run(cfg.run_dir)
+        rd = RunDirectory(cfg.run_dir)
+        try:  # locked until the plots are drawn
+            run_config(cfg, run_dir=rd, keep_lock=True)
+            plot_run(cfg.run_dir)
+        finally:
+            rd.unlock()
     except UserError as e:
         print(f"aimmerging: error: {e}", file=sys.stderr)
         return 2

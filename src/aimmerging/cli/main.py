@@ -64,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as e:
         return _fail(str(e))
-    except OSError as e:  # disk full, read-only or missing directory, a path under a file, ...
-        return _fail(os_error_line(e))
     except BrokenPipeError:  # output piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # disk full, read-only or missing directory, a path under a file, ...
+        return _fail(os_error_line(e))
     except KeyboardInterrupt:
         print("aimmerging: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

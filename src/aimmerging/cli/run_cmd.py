@@ -57,12 +57,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..logs import is_main_process
     from ..reporting.plots import plot_run
     from ..runs.results import summary_markdown
+    from ..runs.rundir import RunDirectory
     from ..runs.runner import run_config
 
     cfg = config_from_args(args)
-    result = run_config(cfg)
-    if is_main_process():
-        plot_run(cfg.run_dir)
-        print(summary_markdown(result.results))
-        print(f"\nrun directory: {cfg.run_dir}")
+    rd = RunDirectory(cfg.run_dir)
+    try:  # the run directory stays locked until its plots are drawn
+        result = run_config(cfg, run_dir=rd, keep_lock=True)
+        if is_main_process():
+            plot_run(cfg.run_dir)
+            print(summary_markdown(result.results))
+            print(f"\nrun directory: {cfg.run_dir}")
+    finally:
+        rd.unlock()
     return 0

@@ -96,6 +96,12 @@ class Method:
             settings = self.Settings()
         self.settings = settings
 
+    def adapter_rank_multiplier(self, n_tasks: int) -> int:
+        """The run's adapter is built with rank ``lora_r`` x this and alpha ``lora_alpha`` x this (so
+        PEFT's scaling alpha / r is unchanged). Called once, before the model is built, with the
+        number of tasks of the stream. O-LoRA returns ``n_tasks``: one rank slot per task."""
+        return 1
+
     def before_task(self, view: TrainingView) -> None:
         """Called once before the first step of a stage."""
 

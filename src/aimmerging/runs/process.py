@@ -1,0 +1,106 @@
+"""Process set-up for a run: one process, or data-parallel processes through accelerate (DDP).
+
+Several processes (``accelerate launch --multi_gpu --num_processes N -m aimmerging run ...``, or
+``torchrun``): every process runs the same code on the same global example lists; the engine
+shards the batches, losses are reduced over the processes, so every process takes the same merge
+decisions and keeps a bit-identical adapter. Only the main process writes files. On a machine
+without GPU the processes run on CPU with gloo.
+
+Debugging hook, off by default: with ``AIMMERGING_RANK_DUMP=DIR`` in the environment every
+process writes, at the end of the run, ``DIR/rank<N>.safetensors`` (its LoRA tensors by
+parameter name) and ``DIR/rank<N>.json`` (``{"rank", "num_processes", "records"}``: the trace
+records it emitted in this invocation, merges included; stages skipped on resume emit none), so
+tests can check that all processes took the same decisions and hold the same adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+
+import torch
+
+from ..errors import ConfigError, UserError
+
+log = logging.getLogger("aimmerging")
+
+
+RANK_DUMP_ENV = "AIMMERGING_RANK_DUMP"
+
+
+def _cpu_processes() -> bool:
+    """True for one of several processes (``torchrun``, ``accelerate launch --multi_gpu``) on a
+    machine without an accelerator: accelerate joins them with gloo only when told ``cpu=True``,
+    and would otherwise run every process alone. (``ACCELERATE_USE_CPU=1`` forces the same.)"""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return False
+    device_api = getattr(torch, "accelerator", None)
+    return not (device_api.is_available() if device_api is not None else torch.cuda.is_available())
+
+
+def _warn_single_cpu_process(num_processes: int) -> None:
+    """``accelerate launch --cpu --num_processes N`` (N > 1) starts a single process unless it
+    goes through mpirun (``--mpirun_hostfile``): it sets MASTER_ADDR for N processes but no
+    WORLD_SIZE. Say so instead of silently training on one process."""
+    env = os.environ
+    if (num_processes == 1 and env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+            and "MASTER_ADDR" in env and "WORLD_SIZE" not in env):
+        log.warning("running as a single process: `accelerate launch --cpu --num_processes N` starts one "
+                    "process unless it goes through mpirun (--mpirun_hostfile). For N CPU processes use "
+                    "`accelerate launch --multi_gpu --num_processes N ...` on a machine without GPU "
+                    "(add ACCELERATE_USE_CPU=1 where there is one) or `torchrun --nproc_per_node N -m aimmerging run ...`")
+
+
+def check_data_parallel(accelerator) -> None:
+    """Only one process or data-parallel processes (DDP) are supported. Under FSDP/DeepSpeed the
+    LoRA matrices are sharded outside forward/backward (and accelerate wants the optimizers
+    prepared with the model), which the merge arithmetic, the controller's L1 norm, adapter
+    loading and saving, and sharded evaluation do not handle: stop at once rather than deadlock
+    or diverge. (On CPU accelerate itself refuses FSDP when the Accelerator is created.)"""
+    from accelerate.utils import DistributedType
+
+    kinds = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed",
+             DistributedType.MEGATRON_LM: "Megatron-LM"}
+    name = kinds.get(accelerator.distributed_type)
+    if name:
+        raise ConfigError(f"{name} is not supported: aimmerging runs one process or data-parallel processes (DDP); "
+                          "launch with e.g. `accelerate launch --config_file configs/accelerate/ddp.yaml -m aimmerging run ...`")
+
+
+def make_accelerator(mixed_precision: str = "no"):
+    """The run's Accelerator: DDP on several processes (gloo on CPU), one process otherwise."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # The models' buffers (rotary tables) never change: no need to broadcast them every forward.
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=_cpu_processes(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    check_data_parallel(accelerator)
+    _warn_single_cpu_process(accelerator.num_processes)
+    return accelerator
+
+
+def main_decides(accelerator, fn):
+    """``fn()`` on the main process only; its result, or the UserError it raised, is handed
+    to every process, so a failed check fails everywhere at once instead of leaving the
+    other processes waiting at the next collective."""
+    if accelerator.num_processes == 1:
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    box = [None, None]
+    if accelerator.is_main_process:
+        try:
+            box[0] = fn()
+        except UserError as e:
+            box[1] = e
+    broadcast_object_list(box, from_process=0)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports ru_maxrss in KB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
