@@ -93,6 +93,9 @@ def _fail_nth_write(monkeypatch, n: int, err: int, match: str = ""):
         return real(path, write)
 
     monkeypatch.setattr(io_mod, "atomic_write", atomic_write)
+    from aimmerging.reporting import plots
+
+    monkeypatch.setattr(plots, "atomic_write", atomic_write)  # bound by name there
     return calls
 
 

@@ -51,7 +51,7 @@ def load_builtin_methods() -> None:
 def builtin_names() -> list[str]:
     """The names of the methods that ship with aimmerging (not those a user registered)."""
     load_builtin_methods()
-    return [n for n, cls in METHODS.items() if cls.__module__.startswith(f"{__name__}.")]
+    return sorted(n for n, cls in METHODS.items() if cls.__module__.startswith(f"{__name__}."))
 
 
 def resolve_method(spec: str | type[Method] | Method) -> type[Method]:
