@@ -246,3 +246,59 @@ def test_bad_stream_files(tmp_path):
         assert expected in msg, (text, msg)
         assert str(tmp_path) in msg
     assert "missing.yaml: cannot read" in error(load_stream_file, tmp_path / "missing.yaml")
+
+
+# -- the CLI: aimmerging run --data stream.yaml ------------------------------------------------------------
+
+def _cli_stream(tmp_path, chat: bool = False):
+    import json as _json
+
+    datasets = pytest.importorskip("datasets")
+    rows = {t: [{"q": f"{t} question {i}?", "a": "yes" if i % 2 else "no"} for i in range(12)] for t in ("alpha", "beta")}
+    (tmp_path / "alpha.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows["alpha"]))
+    datasets.Dataset.from_list(rows["beta"]).save_to_disk(str(tmp_path / "beta_saved"))
+    (tmp_path / "stream.yaml").write_text(
+        "input_field: q\noutput_field: a\ntasks:\n"
+        "  alpha: {train: alpha.jsonl, test: alpha.jsonl}\n"
+        "  beta: {train: beta_saved, test: beta_saved}\n")
+    return tmp_path / "stream.yaml"
+
+
+def test_cli_runs_a_stream_file_of_jsonl_and_saved_datasets(tmp_path, capsys):
+    import json as _json
+
+    from aimmerging.cli.main import main
+
+    stream = _cli_stream(tmp_path)
+    out = tmp_path / "run"
+    args = ["run", "--data", str(stream), "--model", "tiny-causal", "--method", "replay", "--max-steps", "2",
+            "--batch-size", "4", "--micro-batch-size", "4", "--max-input-tokens", "48", "--memory-ratio", "25",
+            "--output-dir", str(out), "--no-progress", "--threads", "1"]
+    assert main(args) == 0
+    results = _json.loads((out / "results.json").read_text())
+    assert results["tasks"] == ["alpha", "beta"] and results["complete"] is True
+    assert len(results["accuracy_matrix"]) == 2 and results["metrics"]["op"] is not None
+    assert main(args) == 0  # resumes: same config (the stream file is part of it)
+    capsys.readouterr()
+    assert main(args + ["--data-dir", str(tmp_path)]) == 2
+    assert "data: a task-stream file names the whole stream" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("tasks:\n  alpha: {train: nope.jsonl, test: nope.jsonl}\n", "nope.jsonl"),
+    ("tasks:\n  alpha: {train: empty.jsonl, test: empty.jsonl}\n", "empty.jsonl"),
+    ("input_field: zz\ntasks:\n  alpha: {train: alpha.jsonl, test: alpha.jsonl}\n", "alpha.jsonl"),
+    ("tasks:\n  alpha: {train: chat.jsonl, test: chat.jsonl}\n", "chat.jsonl"),
+])
+def test_cli_bad_stream_inputs_are_one_line(tmp_path, capsys, content, expected):
+    from aimmerging.cli.main import main
+
+    _cli_stream(tmp_path)
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "chat.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    (tmp_path / "bad.yaml").write_text(content)
+    capsys.readouterr()  # the datasets progress bar of the set-up
+    rc = main(["run", "--data", str(tmp_path / "bad.yaml"), "--model", "tiny-causal", "--max-steps", "1",
+               "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[aimmerging]")]
+    assert rc == 2 and len(err) == 1 and expected in err[0], err

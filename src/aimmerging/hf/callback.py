@@ -48,7 +48,6 @@ them (fp32 and bf16 are).
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
@@ -67,7 +66,9 @@ from ..errors import ConfigError, UserError
 from ..fusion import FUSION_RULES
 from ..io import atomic_write_json, json_safe
 from ..models.lora import all_finite, l1_distance, lora_parameters, restore, snapshot
+from ..methods.aimmerging import controller_step
 from ..trace import read_trace, split_tasks
+from ..training.engine import optimizer_state, restore_optimizer_state
 
 SOURCE = "aimmerging.hf"  # the "source" of a results.json written here (never overwrite another's)
 PROBE_MODES = ("train", "eval")
@@ -111,24 +112,6 @@ def _share(items: Sequence[Any], rank: int, world: int) -> list:
     per, extra = divmod(len(items), world)
     start = rank * per + min(rank, extra)
     return list(items[start:start + per + (1 if rank < extra else 0)])
-
-
-def _optimizer_state(optimizer) -> list:
-    saved = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state.get(p)
-            saved.append((p, {k: v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v)
-                              for k, v in state.items()} if state else None))
-    return saved
-
-
-def _restore_optimizer_state(optimizer, saved: list) -> None:
-    for p, state in saved:
-        if state is None:
-            optimizer.state.pop(p, None)
-        else:
-            optimizer.state[p] = state
 
 
 class AIMMergingCallback(TrainerCallback):
@@ -303,12 +286,12 @@ class AIMMergingCallback(TrainerCallback):
             return None
         with torch.no_grad():
             before = [p.detach().clone() for p in self._params]
-        state = _optimizer_state(self._optimizer)
+        state = optimizer_state(self._optimizer)
         self._optimizer.step()
         self._zero_grad()
         if not all_finite(self._params):
             restore(self._params, before)
-            _restore_optimizer_state(self._optimizer, state)
+            restore_optimizer_state(self._optimizer, state)
             return None
         return loss
 
@@ -401,16 +384,7 @@ class AIMMergingCallback(TrainerCallback):
                 record["history_loss"] = h
             else:
                 record["probe_skipped"] = "non-finite history loss"
-        if not all_finite(self._params):
-            restore(self._params, self._anchor)
-            record["fallback"] = "anchor (non-finite adapter after the step)"
-        l1 = l1_distance(self._params, self._anchor)
-        record["delta_in_l1"] = l1
-        decision = None
-        if record["history_loss"] is not None or not c.needs_history_loss:
-            decision = c.observe(step, record["history_loss"], l1)
-        record["interval"] = c.interval if decision is None else decision.interval
-        record["threshold"] = c.threshold if decision is None else decision.threshold
+        decision = controller_step(c, self._params, self._anchor, step, record)
         self._emit(record)
         if decision is not None:
             self._emit(self._merge(model, decision))

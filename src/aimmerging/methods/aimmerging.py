@@ -61,6 +61,24 @@ class MergingSettings(ControllerConfig):
         return ControllerConfig(**values)
 
 
+def controller_step(controller: MergeController, params, anchor, step: int, record: dict) -> Optional[MergeDecision]:
+    """The bookkeeping after one inner step (shared with ``aimmerging.hf``'s callback): a
+    non-finite adapter falls back to the anchor; the L1 of the move since the anchor and the
+    step's ``history_loss`` (None when not finite) go to the controller; the step record gets
+    ``delta_in_l1``, ``interval`` and ``threshold``. Returns the merge decision, if any."""
+    if not all_finite(params):
+        restore(params, anchor)
+        record["fallback"] = "anchor (non-finite adapter after the step)"
+    l1 = l1_distance(params, anchor)
+    record["delta_in_l1"] = l1
+    decision = None
+    if record["history_loss"] is not None or not controller.needs_history_loss:
+        decision = controller.observe(step, record["history_loss"], l1)
+    record["interval"] = controller.interval if decision is None else decision.interval
+    record["threshold"] = controller.threshold if decision is None else decision.threshold
+    return decision
+
+
 @register_method
 class Merging(Method):
     name = "aimmerging"
@@ -120,16 +138,7 @@ class Merging(Method):
                 record["history_loss"] = None
                 record["probe_skipped"] = "non-finite history loss"
         with view.timed("bookkeeping"):
-            if not all_finite(view.params):
-                restore(view.params, self.anchor)
-                record["fallback"] = "anchor (non-finite adapter after the step)"
-            l1 = l1_distance(view.params, self.anchor)
-            record["delta_in_l1"] = l1
-            decision = None
-            if record["history_loss"] is not None or not c.needs_history_loss:
-                decision = c.observe(view.step, record["history_loss"], l1)
-            record["interval"] = c.interval if decision is None else decision.interval
-            record["threshold"] = c.threshold if decision is None else decision.threshold
+            decision = controller_step(c, view.params, self.anchor, view.step, record)
         return [self.merge(view, decision)] if decision else None
 
     def after_task(self, view):

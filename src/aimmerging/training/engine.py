@@ -104,7 +104,7 @@ def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     return all(bool(f) for f in flags)
 
 
-def _optimizer_state(optimizer) -> list:
+def optimizer_state(optimizer) -> list:
     """A copy of the per-parameter state of ``optimizer`` (AdamW: step, exp_avg, exp_avg_sq)."""
     saved = []
     for group in optimizer.param_groups:
@@ -115,7 +115,7 @@ def _optimizer_state(optimizer) -> list:
     return saved
 
 
-def _restore_optimizer_state(optimizer, saved: list) -> None:
+def restore_optimizer_state(optimizer, saved: list) -> None:
     for p, state in saved:
         if state is None:
             optimizer.state.pop(p, None)
@@ -270,7 +270,7 @@ class Engine:
             return SKIP_GRADIENT
         with torch.no_grad():
             before = [p.detach().clone() for p in self.params]
-        state = _optimizer_state(optimizer)
+        state = optimizer_state(optimizer)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if "update" in faults:
@@ -283,7 +283,7 @@ class Engine:
             with torch.no_grad():
                 for p, v in zip(self.params, before):
                     p.copy_(v)
-            _restore_optimizer_state(optimizer, state)
+            restore_optimizer_state(optimizer, state)
             return SKIP_UPDATE
         return None
 
