@@ -108,3 +108,22 @@ def test_attention_flops_are_counted_on_cpu(causal):
         F.scaled_dot_product_attention(q, k, v, is_causal=causal).sum().backward()
     forward = 2 * (2 * b * h * s * s * d) * (0.5 if causal else 1.0)
     assert counter.get_total_flops() == pytest.approx(forward * 3.5)
+
+
+def test_timers_are_exclusive_and_a_methods_own_cost_has_its_column():
+    import time
+
+    from aimmerging.bench.report import bench_markdown, method_summary
+    from aimmerging.training.engine import Timers
+
+    t = Timers()
+    with t.section("inner"):
+        time.sleep(0.02)
+        with t.section("distillation"):  # a method's teacher pass inside the inner step
+            time.sleep(0.05)
+    d = t.as_dict()
+    assert d["distillation"] >= 0.05 and 0.02 <= d["inner"] < 0.05  # counted once, in its own category
+    results = {"accuracy_matrix": [[0.5]], "timing": {"inner": 10.0, "eval": 2.0, "fisher": 3.0},
+               "stages": [{"wall_s": 16.0, "tokens": 100, "steps": 4}], "peak_rss_mb": 1.0}
+    s = method_summary(results, [0.5], flops_per_token=1.0, peak_gflops=1.0)
+    assert s["method_timing_s"] == {"fisher": 3.0} and s["timing_s"]["other"] == 1.0

@@ -14,10 +14,13 @@ SECTIONS = ("inner", "probe", "replay", "bookkeeping", "validation", "eval")
 
 def method_summary(results: dict, reference: Optional[list], flops_per_token: float, peak_gflops: float) -> dict:
     """Quality and cost of one method's run."""
-    timing = {k: float(results.get("timing", {}).get(k, 0.0)) for k in SECTIONS}
+    recorded = results.get("timing", {})
+    timing = {k: float(recorded.get(k, 0.0)) for k in SECTIONS}
+    # a method's own cost categories (EWC's fisher, LwF's distillation, I-LoRA's consistency, ...)
+    extra = {k: float(v) for k, v in recorded.items() if k not in SECTIONS}
     stages = results.get("stages", [])
     wall = sum(float(s.get("wall_s", 0.0)) for s in stages)
-    timing["other"] = max(0.0, wall - sum(timing.values()))
+    timing["other"] = max(0.0, wall - sum(timing.values()) - sum(extra.values()))
     tokens = sum(int(s.get("tokens", 0)) for s in stages)
     inner = timing["inner"]
     tps = tokens / inner if inner > 0 else None
@@ -27,6 +30,7 @@ def method_summary(results: dict, reference: Optional[list], flops_per_token: fl
         "metrics": all_metrics(results["accuracy_matrix"], reference),
         "wall_s": wall,
         "timing_s": timing,
+        "method_timing_s": extra,
         "steps": sum(int(s.get("steps", 0)) for s in stages),
         "merges": sum(int(s.get("merges", 0)) for s in stages),
         "tokens": tokens,
@@ -62,6 +66,10 @@ def build_report(bench: dict, runs: dict[str, dict], throughput: dict, process_w
     }
 
 
+def _own(extra: dict) -> str:
+    return ", ".join(f"{k} {v:.0f}" for k, v in sorted(extra.items())) or "-"
+
+
 def bench_markdown(report: dict, command: str) -> str:
     tasks, methods = report["tasks"], report["methods"]
     out = [f"# {report['name']}", "", f"Command: `{command}`", "",
@@ -75,15 +83,17 @@ def bench_markdown(report: dict, command: str) -> str:
             "definition.", "", "### Accuracy matrices (row: after training task i; column: task j)", ""]
     for m, s in methods.items():
         out += [f"**{m}**", "", *matrix_markdown(tasks, s["accuracy_matrix"]), ""]
-    out += ["## Cost", "", "Wall time of training and evaluation (model loading excluded), split by what it was spent on; "
+    out += ["## Cost", "", "Wall time of training and evaluation (model loading excluded), split by what it was spent on "
+            "(a method's own categories, e.g. EWC's Fisher estimation or LwF's teacher passes, in their column); "
             "training throughput counts the tokens of the inner (training) steps.", "",
-            "| method | wall s | inner | probe | replay | bookkeeping | eval | other | bookkeeping % | train tokens/s "
-            "| train GFLOP/s (% of peak) | peak RSS MB |", "|---|" + "---|" * 11]
+            "| method | wall s | inner | probe | replay | bookkeeping | eval | method's own | other | bookkeeping % "
+            "| train tokens/s | train GFLOP/s (% of peak) | peak RSS MB |", "|---|" + "---|" * 12]
     for m, s in methods.items():
         t = s["timing_s"]
         frac = s["train_fraction_of_peak"]
         out.append(f"| {m} | {s['wall_s']:.0f} | {t['inner']:.0f} | {t['probe']:.0f} | {t['replay']:.0f} | "
-                   f"{t['bookkeeping']:.1f} | {t['eval']:.0f} | {t['other'] + t['validation']:.0f} | "
+                   f"{t['bookkeeping']:.1f} | {t['eval']:.0f} | {_own(s.get('method_timing_s', {}))} | "
+                   f"{t['other'] + t['validation']:.0f} | "
                    f"{fmt_number(s['bookkeeping_fraction'] and 100 * s['bookkeeping_fraction'], digits=2)} | "
                    f"{fmt_number(s['train_tokens_per_s'], digits=0)} | {fmt_number(s['train_gflops'], digits=1)} "
                    f"({fmt_number(frac and 100 * frac, digits=0)}%) | {fmt_number(s['peak_rss_mb'], digits=0)} |")
@@ -131,8 +141,11 @@ def plot_report(report: dict, path: str | Path) -> Path:
     ax1.set_title("Quality")
     ax1.legend()
     bottom = [0.0] * len(methods)
-    for sec in ("inner", "probe", "replay", "bookkeeping", "eval", "other"):
-        vals = [report["methods"][m]["timing_s"][sec] / 60 for m in methods]
+    for sec in ("inner", "probe", "replay", "bookkeeping", "eval", "method's own", "other"):
+        if sec == "method's own":
+            vals = [sum(report["methods"][m].get("method_timing_s", {}).values()) / 60 for m in methods]
+        else:
+            vals = [report["methods"][m]["timing_s"][sec] / 60 for m in methods]
         ax2.bar(range(len(methods)), vals, bottom=bottom, label=sec)
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax2.set_xticks(range(len(methods)), methods, rotation=30)

@@ -124,18 +124,27 @@ def restore_optimizer_state(optimizer, saved: list) -> None:
 
 
 class Timers:
-    """Wall-clock seconds per category (inner, probe, replay, bookkeeping, eval, ...)."""
+    """Wall-clock seconds per category (inner, probe, replay, bookkeeping, eval, and a method's
+    own: fisher, distillation, ...). Exclusive: a section opened inside another (a method's
+    distillation pass inside the inner step) is counted in its own category only, so the
+    categories add up to the time spent in sections."""
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = defaultdict(float)
+        self._open: list[list] = []  # [name, seconds spent in nested sections] per open section
 
     @contextmanager
     def section(self, name: str):
         start = time.perf_counter()
+        self._open.append([name, 0.0])
         try:
             yield
         finally:
-            self.totals[name] += time.perf_counter() - start
+            _, nested = self._open.pop()
+            spent = time.perf_counter() - start
+            self.totals[name] += spent - nested
+            if self._open:
+                self._open[-1][1] += spent
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 4) for k, v in self.totals.items()}
