@@ -83,6 +83,28 @@ class TaskEndAdapterRecord(TypedDict):
     fallback: str  # the method's end-of-task adapter was not finite: the trained adapter was kept
 
 
+class FisherRecord(TypedDict):  # ewc: the Fisher estimated at the end of a task
+    task: str
+    task_index: int
+    event: Literal["fisher"]
+    step: int
+    examples: int
+    fisher_sum: float
+
+
+class TaskMergeRecord(TypedDict):  # the merging family (task-arithmetic, ties, dare, magmax)
+    task: str
+    task_index: int
+    event: Literal["task_merge"]
+    step: int
+    rule: str  # the fusion rule
+    space: str  # delta (B@A per layer) | params (A and B)
+    chain: str  # merged | trained: where the next task starts
+    task_vectors: int
+    weights: list
+    refactor_residual: Optional[float]  # relative norm lost re-factoring the merged update to rank r
+
+
 class SelectBestRecord(TypedDict):
     task: str
     task_index: int
@@ -91,7 +113,9 @@ class SelectBestRecord(TypedDict):
     val_loss: float
 
 
-EVENTS = ("task_start", "step", "merge", "select_best", "task_end_adapter")
+EVENTS = ("task_start", "step", "merge", "select_best", "task_end_adapter", "fisher", "task_merge")
+# Methods may add their own per-step values to a step record (ewc_penalty, distillation,
+# consistency, orth_loss): plain numbers under the method's own keys.
 
 
 def read_trace(path: str | os.PathLike) -> list[dict]:
