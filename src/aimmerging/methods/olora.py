@@ -54,11 +54,10 @@ from typing import Optional
 import torch
 
 from ..errors import ConfigError
-from ..models.lora import snapshot
+from ..models.lora import lora_layers, snapshot
 from ..settings import option
 from . import register_method
 from .base import Method
-from .task_merging import lora_layers
 
 ORTH_FORMS = ("squared", "abs")
 

@@ -98,7 +98,7 @@ import torch
 
 from ..fusion import FUSION_RULES
 from ..fusion import task_vectors as _task_vectors  # registers ties, dare, magmax
-from ..models.lora import restore, snapshot
+from ..models.lora import LoraLayers, lora_layers, restore, snapshot
 from ..settings import option
 from . import register_method
 from .base import Method
@@ -149,37 +149,6 @@ class DareSettings(TaskMergingSettings):
 @dataclass
 class MagMaxSettings(TaskMergingSettings):
     magmax_lambda: float = option(0.5, "magmax: scaling of the maximum-magnitude task vector")
-
-
-# -- the LoRA layers of an adapter ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class LoraLayers:
-    """How the trainable LoRA tensors (``view.params``, in order) form layers: ``pairs`` of indices
-    (lora_A, lora_B) of one adapted layer, and ``others``, tensors that are not in such a pair."""
-
-    pairs: tuple[tuple[int, int], ...]
-    others: tuple[int, ...]
-
-
-def lora_layers(model, params: Sequence[torch.Tensor]) -> LoraLayers:
-    """Pair every ``...lora_A.<adapter>.weight`` (r x d_in) with its ``...lora_B.<adapter>.weight``
-    (d_out x r) by parameter name."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    index: dict[str, int] = {}
-    for i, p in enumerate(params):
-        if id(p) not in names:
-            raise RuntimeError("a trainable LoRA tensor is not a parameter of the model")
-        index[names[id(p)]] = i
-    pairs, used = [], set()
-    for name, i in index.items():
-        if ".lora_A." not in name:
-            continue
-        j = index.get(name.replace(".lora_A.", ".lora_B."))
-        a = params[i]
-        if j is not None and a.dim() == 2 and params[j].dim() == 2 and params[j].shape[1] == a.shape[0]:
-            pairs.append((i, j))
-            used.update((i, j))
-    return LoraLayers(tuple(pairs), tuple(i for i in range(len(params)) if i not in used))
 
 
 # -- merging in either space ----------------------------------------------------------------------------

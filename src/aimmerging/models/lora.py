@@ -8,7 +8,9 @@ in a fixed order (``lora_parameters``), which is also the order of every snapsho
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -72,3 +74,33 @@ def load_adapter_weights(model, directory: str | os.PathLike) -> None:
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if unexpected:
         raise UserError(f"{directory}: adapter does not match the model ({unexpected[0]} ...)")
+
+
+@dataclass(frozen=True)
+class LoraLayers:
+    """How the trainable LoRA tensors (``view.params``, in order) form layers: ``pairs`` of indices
+    (lora_A, lora_B) of one adapted layer, and ``others``, tensors that are not in such a pair."""
+
+    pairs: tuple[tuple[int, int], ...]
+    others: tuple[int, ...]
+
+
+def lora_layers(model, params: Sequence[torch.Tensor]) -> LoraLayers:
+    """Pair every ``...lora_A.<adapter>.weight`` (r x d_in) with its ``...lora_B.<adapter>.weight``
+    (d_out x r) by parameter name."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    index: dict[str, int] = {}
+    for i, p in enumerate(params):
+        if id(p) not in names:
+            raise RuntimeError("a trainable LoRA tensor is not a parameter of the model")
+        index[names[id(p)]] = i
+    pairs, used = [], set()
+    for name, i in index.items():
+        if ".lora_A." not in name:
+            continue
+        j = index.get(name.replace(".lora_A.", ".lora_B."))
+        a = params[i]
+        if j is not None and a.dim() == 2 and params[j].dim() == 2 and params[j].shape[1] == a.shape[0]:
+            pairs.append((i, j))
+            used.update((i, j))
+    return LoraLayers(tuple(pairs), tuple(i for i in range(len(params)) if i not in used))
