@@ -59,14 +59,13 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
-from .. import fusion
 from ..controller import ControllerConfig, MergeController, MergeDecision
 from ..data.formatting import IGNORE_INDEX
 from ..errors import ConfigError, UserError
 from ..fusion import FUSION_RULES
 from ..io import atomic_write_json, json_safe
 from ..models.lora import all_finite, l1_distance, lora_parameters, restore, snapshot
-from ..methods.aimmerging import controller_step
+from ..methods.aimmerging import controller_step, fuse_or_fall_back, merge_record
 from ..trace import read_trace, split_tasks
 from ..training.engine import optimizer_state, restore_optimizer_state
 
@@ -303,15 +302,9 @@ class AIMMergingCallback(TrainerCallback):
             losses = [self._replay_step(model) for _ in range(d.outer_steps)]
         finally:
             model.train(was_training)
-        fallback = None
-        fused = fusion.fuse_in_place(self._params, self._anchor, theta_k, d.w_in, d.w_out, self.fusion)
-        if fused is False or not all_finite(self._params):
-            restore(self._params, theta_k)
-            fallback = "theta_k (non-finite fusion: replay update dropped)"
+        fallback = fuse_or_fall_back(self._params, self._anchor, theta_k, d, self.fusion)
         self._anchor = snapshot(self._params)
-        done = [x for x in losses if x is not None]
-        return {"event": "merge", **d.to_dict(), "replay_loss": sum(done) / len(done) if done else None,
-                "replay_skipped": len(losses) - len(done), "fallback": fallback}
+        return merge_record(d, losses, fallback)
 
     def _running_loss(self) -> Optional[float]:
         t = getattr(self.trainer, "_tr_loss", None) if self.trainer is not None else None

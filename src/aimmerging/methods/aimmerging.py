@@ -79,6 +79,25 @@ def controller_step(controller: MergeController, params, anchor, step: int, reco
     return decision
 
 
+def fuse_or_fall_back(params, anchor, theta_k, d: MergeDecision, rule) -> Optional[str]:
+    """Fuse in place with the decision's weights; a non-finite fusion (not written, or undone)
+    falls back to ``theta_k``, the adapter before the replay steps. Returns the fallback, if any.
+    (Shared with ``aimmerging.hf``'s callback.)"""
+    # the module attribute, so that a test can fault the fusion by patching aimmerging.fusion
+    fused = fusion.fuse_in_place(params, anchor, theta_k, d.w_in, d.w_out, rule)
+    if fused is False or not all_finite(params):
+        restore(params, theta_k)
+        return "theta_k (non-finite fusion: replay update dropped)"
+    return None
+
+
+def merge_record(d: MergeDecision, losses: list[Optional[float]], fallback: Optional[str]) -> dict:
+    """The trace record of one merge: the decision, the replay steps' mean loss and skips, the fallback."""
+    done = [x for x in losses if x is not None]
+    return {"event": "merge", **d.to_dict(), "replay_loss": sum(done) / len(done) if done else None,
+            "replay_skipped": len(losses) - len(done), "fallback": fallback}
+
+
 @register_method
 class Merging(Method):
     name = "aimmerging"
@@ -153,17 +172,10 @@ class Merging(Method):
             theta_k = snapshot(view.params)
         with view.timed("replay"):
             losses = self.replay(view, d.outer_steps)
-        fallback = None
         with view.timed("bookkeeping"):
-            # the module attribute, so that a test can fault the fusion by patching aimmerging.fusion
-            fused = fusion.fuse_in_place(view.params, self.anchor, theta_k, d.w_in, d.w_out, self.settings.fusion)
-            if fused is False or not all_finite(view.params):  # non-finite fusion: not written, or undone
-                restore(view.params, theta_k)
-                fallback = "theta_k (non-finite fusion: replay update dropped)"
+            fallback = fuse_or_fall_back(view.params, self.anchor, theta_k, d, self.settings.fusion)
             self.anchor = snapshot(view.params)
-        done = [x for x in losses if x is not None]
-        return {"event": "merge", **d.to_dict(), "replay_loss": sum(done) / len(done) if done else None,
-                "replay_skipped": len(losses) - len(done), "fallback": fallback}
+        return merge_record(d, losses, fallback)
 
 
 @register_method

@@ -448,13 +448,8 @@ class RunDirectory:
         path = scores_file.parent / "predictions" / f"{task}.jsonl"
         if not path.is_file():
             raise self._damaged(dirname, path, "missing")
-        try:
-            rows = read_jsonl(path)
-        except ValueError as e:
-            raise self._damaged(dirname, path, f"damaged (a line is not valid JSON: {_one_line(e, 100)})") from None
-        except OSError as e:
-            raise self._damaged(dirname, path, f"cannot be read ({e.strerror or e})") from None
-        if not all(isinstance(r, dict) and _is_number(r.get("score")) for r in rows):
+        rows = self._read_jsonl(dirname, path)
+        if not all(_is_number(r.get("score")) for r in rows):
             raise self._damaged(dirname, path, "damaged (a row without a numeric 'score')")
         if [r.get("id") for r in rows] != list(ids):
             raise self._damaged(dirname, path, f"damaged or not this run's ({len(rows)} predictions, not the "
@@ -466,7 +461,7 @@ class RunDirectory:
 
     def _check_trace(self, dirname: str, path: Path, record: dict) -> None:
         """The trace parses and holds the stage's steps (one record each) and its merges."""
-        records = self._read_trace(dirname, path)
+        records = self._read_jsonl(dirname, path)
         steps = sum(1 for r in records if r.get("event") == "step")
         merges = sum(1 for r in records if r.get("event") == "merge")
         if isinstance(record.get("steps"), int) and steps < record["steps"]:
@@ -474,7 +469,8 @@ class RunDirectory:
         if isinstance(record.get("merges"), int) and merges != record["merges"]:
             raise self._damaged(dirname, path, f"damaged ({merges} merge records, the stage merged {record['merges']} times)")
 
-    def _read_trace(self, dirname: str, path: Path) -> list[dict]:
+    def _read_jsonl(self, dirname: str, path: Path) -> list[dict]:
+        """A stage's JSON-lines file (trace, predictions); damage is a one-line DamagedStage."""
         try:
             records = read_jsonl(path)
         except ValueError as e:
@@ -572,7 +568,7 @@ class RunDirectory:
 
     def stage_trace(self, dirname: str) -> list[dict]:
         path = self.stage_dir(dirname) / "trace.jsonl"
-        return self._read_trace(dirname, path) if path.is_file() else []
+        return self._read_jsonl(dirname, path) if path.is_file() else []
 
     # -- the run-level files ---------------------------------------------------------------------------
     def write_results(self, results: dict[str, Any], stage_dirnames: list[str], complete: bool) -> None:
