@@ -127,3 +127,56 @@ def test_timers_are_exclusive_and_a_methods_own_cost_has_its_column():
                "stages": [{"wall_s": 16.0, "tokens": 100, "steps": 4}], "peak_rss_mb": 1.0}
     s = method_summary(results, [0.5], flops_per_token=1.0, peak_gflops=1.0)
     assert s["method_timing_s"] == {"fisher": 3.0} and s["timing_s"]["other"] == 1.0
+
+
+# -- the study: several orders, shards of methods, the report with intervals --------------------------------------
+STUDY_RUN = {**{k: v for k, v in RUN.items() if k != "tasks"}, "benchmark": "standard-cl", "train_cap": 12,
+             "eval_cap": 4, "max_steps": 2}
+
+
+def test_study_runs_orders_in_shards_shares_prefixes_and_reports_intervals(tmp_path):
+    from aimmerging.bench.study import run_study
+    from aimmerging.cli.main import main
+
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({"name": "tiny study", "run": STUDY_RUN, "methods": ["seq", "aimmerging", "replay"]}))
+    out = tmp_path / "study"
+    report = run_study(config, out, orders=[1, 2], methods=["seq", "aimmerging"], isolate=False, progress=False)
+    assert (out / "single-s42" / "results.json").is_file()  # one FWT reference for both orders
+    assert not (out / "o1-s42" / "single").exists()
+    assert set(report["methods"]) >= {"seq", "aimmerging"} and report["methods"]["seq"]["op"]["cells"] == 2
+    d = report["differences"]["seq"]["op"]
+    assert d["ci"][0] <= d["point"] <= d["ci"][1] and d["verdict"] in ("win", "tie", "loss")
+    assert any(m["method"] == "replay" for m in report["missing"])  # listed in the config, not run yet
+    # orders 1 and 2 both start dbpedia -> amazon: order 2 copied those stages from order 1 ...
+    for stage in ("00-dbpedia", "01-amazon"):
+        a = (out / "o1-s42" / "seq" / "stages" / stage / "scores.json").read_text()
+        assert (out / "o2-s42" / "seq" / "stages" / stage / "scores.json").read_text() == a
+    # ... and that is exact: order 2 trained from scratch gives the same adapter
+    fresh = tmp_path / "fresh"
+    run(build_config({**STUDY_RUN, "order": 2, "method": "seq", "output_dir": str(fresh)}))
+    for stage in ("01-amazon", "02-agnews"):
+        shared = load_file(str(out / "o2-s42" / "seq" / "stages" / stage / "adapter" / "adapter_model.safetensors"))
+        own = load_file(str(fresh / "stages" / stage / "adapter" / "adapter_model.safetensors"))
+        assert all((shared[k] == own[k]).all() for k in own), stage
+    # a second shard adds a method; the report is rebuilt from what is finished
+    report = run_study(config, out, orders=[1, 2], methods=["replay"], isolate=False, progress=False)
+    assert report["methods"]["replay"]["op"]["cells"] == 2 and not report["missing"]
+    assert main(["bench", "report", "--output-dir", str(out)]) == 0
+    assert {"report.json", "report.md", "report.png"} <= {p.name for p in out.iterdir()}
+    # another config in the same directory is refused with one line
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"name": "tiny study", "run": {**STUDY_RUN, "lr": 1e-3}}))
+    with pytest.raises(ConfigError, match="different"):
+        run_study(other, out, orders=[1], isolate=False, progress=False)
+
+
+def test_reference_protocol_bench_gives_single_twice_the_batch(tmp_path):
+    from aimmerging.bench.runner import _method_config, load_bench_config, shares_first_stage
+
+    config = _config(tmp_path)
+    bench = load_bench_config(config, False, {"protocol": "reference"})
+    single = _method_config(bench, "single", tmp_path)
+    assert (single["batch_size"], single["micro_batch_size"], single["max_steps"]) == (8, 4, 2)
+    assert single["validation"] == "train-holdout" and single["select_best_every"] == 40
+    assert not shares_first_stage("single", bench["run"]) and shares_first_stage("aimmerging", bench["run"])

@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 from .errors import ConfigError
 from .evaluation.scoring import METRICS as METRIC_NAMES
+from .protocol import PROTOCOLS, preset
 from .methods import METHODS, Method, load_builtin_methods, resolve_method
 from .settings import build, check_choices, coerce, option, option_fields
 
@@ -43,6 +44,8 @@ def _lf(help: str, group: str):
 
 @dataclass
 class RunConfig:
+    # -- protocol: a preset of the options below (``aimmerging.protocol``) ------------------------------
+    protocol: str = _f("default", "evaluation protocol: this library's defaults, or the reference code's (model selection, validation, truncation, generation length, precision, SuperNI scoring); explicit options win", "protocol", PROTOCOLS)
     # -- task stream -----------------------------------------------------------------------------
     benchmark: Optional[str] = _f(None, "named stream: standard-cl, long-sequence, superni, synthetic (built in)", "stream")
     order: int = _f(1, "task order of the benchmark (1-3; superni 1-2)", "stream")
@@ -59,7 +62,9 @@ class RunConfig:
     model: str = _f("smollm2-135m", "alias (smollm2-135m, tiny-causal, tiny-seq2seq), local directory or hub id", "model")
     dtype: str = _f("float32", "dtype of the base weights", "model", ("float32", "bfloat16", "float16"))
     prompt_format: str = _f("plain", "causal LMs: 'plain' (input + ' ' + output) or 'chat' (chat template)", "model", ("plain", "chat"))
-    max_input_tokens: int = _f(1024, "prompt budget in tokens (longer prompts lose their middle)", "model")
+    max_input_tokens: int = _f(1024, "prompt budget in tokens (see --truncation)", "model")
+    truncation: str = _f("middle", "a prompt over budget loses its middle (head and the last tokens kept) or its end (right: the reference's)", "model", ("middle", "right"))
+    truncate_eval_prompts: bool = _f(True, "truncate prompts at evaluation too (the reference does not)", "model")
     max_target_tokens: int = _f(128, "answer budget in tokens, EOS included", "model")
     lora_r: int = _f(8, "LoRA rank", "model")
     lora_alpha: int = _f(32, "LoRA alpha (scaling alpha/r)", "model")
@@ -80,8 +85,13 @@ class RunConfig:
     adam_eps: float = _f(1e-8, "AdamW epsilon", "training")
     group_by_length: bool = _f(False, "group training examples of similar length into micro-batches (less padding)", "training")
     memory_batch_size: int = _f(32, "memory examples per forgetting probe and per replay step", "stream")
-    select_best_every: Optional[int] = _f(None, "every N steps compute the validation loss and keep the best adapter (reference: 40)", "training")
-    val_per_task: int = _f(25, "validation examples per seen task (dev split) for --select-best-every", "training")
+    select_best_every: Optional[int] = _f(None, "every N steps compute the validation loss and keep the best adapter (reference: 40)", "selection")
+    validation: str = _f("dev", "validation examples: the dev split (val-per-task per seen task) or val-holdout of the task's training set (the reference's single runs)", "selection", ("dev", "train-holdout"))
+    val_per_task: int = _f(25, "validation examples per seen task (dev split) for --select-best-every", "selection")
+    val_holdout: float = _f(0.1, "--validation train-holdout: fraction of the training set held out (not trained on)", "selection")
+    val_loss: str = _f("token-mean", "validation loss: mean over all answer tokens, or HF Trainer's mean of per-batch token means (weighted by batch size)", "selection", ("token-mean", "batch-mean"))
+    val_batch_size: Optional[int] = _f(None, "examples per validation batch (default: the micro-batch size; HF Trainer: 8)", "selection")
+    dev_test_overlap: str = _f("holdout", "a task whose dev examples are test examples: validate on training examples not trained on (holdout), or on dev anyway (keep: the reference's test leak, with a warning)", "selection", ("holdout", "keep"))
     seed: int = _f(42, "seed of everything (sampling, data order, LoRA init, dropout)", "training")
     # -- evaluation --------------------------------------------------------------------------------
     eval_batch_size: int = _f(16, "prompts per generation batch", "evaluation")
@@ -89,6 +99,8 @@ class RunConfig:
     metric: Optional[dict] = _f(None, "per-task metric overrides: TASK=exact_match|rougeL,...", "evaluation")
     eval_split: str = _f("test", "split scored after each task; 'dev' to choose settings without touching the test split", "evaluation", ("test", "dev"))
     eval_scope: str = _f("all", "after each task evaluate all seen tasks, or only what OP/BWT/FWT need", "evaluation", ("all", "needed"))
+    eval_precision: str = _f("train", "evaluate in the training precision, or under half-precision autocast (fp16 on CUDA, bf16 on CPU; the reference's fp16)", "evaluation", ("train", "half"))
+    scoring: str = _f("default", "SuperNI scoring: the same metric everywhere, or the reference's (task363 pos/neg -> p/n in OP, task1687 ROUGE-L in FWT)", "evaluation", ("default", "reference"))
     zero_shot: bool = _f(False, "also evaluate the base model (no training) on every task first", "evaluation")
     fwt_reference: Optional[str] = _f(None, "results.json (or run dir) of a 'single' run: reference scores for FWT", "evaluation")
     # -- run -----------------------------------------------------------------------------------------
@@ -111,7 +123,8 @@ class RunConfig:
                     "lora_r", "lora_alpha", "memory_batch_size", "eval_batch_size", "val_per_task")
         for name in positive:
             need(getattr(self, name) > 0, f"{name}: must be > 0, got {getattr(self, name)}")
-        for name in ("train_cap", "eval_cap", "max_steps", "select_best_every", "max_new_tokens", "threads", "memory_cap_per_task"):
+        for name in ("train_cap", "eval_cap", "max_steps", "select_best_every", "max_new_tokens", "threads", "memory_cap_per_task",
+                     "val_batch_size"):
             v = getattr(self, name)
             need(v is None or v > 0, f"{name}: must be > 0, got {v}")
         for f in fields(self):
@@ -123,6 +136,7 @@ class RunConfig:
         need(self.lr > 0, "lr: must be > 0")
         need(0 <= self.lora_dropout < 1, "lora_dropout: must be in [0, 1)")
         need(0 < self.memory_ratio <= 100, "memory_ratio: a percentage in (0, 100]")
+        need(0 < self.val_holdout < 1, f"val_holdout: a fraction in (0, 1), got {self.val_holdout}")
         need(self.warmup_steps >= 0 and self.weight_decay >= 0 and self.max_grad_norm > 0,
              "warmup_steps and weight_decay must be >= 0, max_grad_norm > 0")
         need(0 <= self.adam_beta1 < 1, f"adam_beta1: must be in [0, 1), got {self.adam_beta1}")
@@ -213,6 +227,11 @@ def build_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str,
     if not isinstance(method_spec, (str, type, Method)):
         raise ConfigError(f"method: expected a name, got {method_spec!r}")
     method_cls = resolve_method(method_spec)
+    protocol = merged.get("protocol", (None, "default"))[1]
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol: '{protocol}' is not one of {', '.join(PROTOCOLS)}")
+    for name, value in preset(protocol, method_cls.name).items():  # a preset sits below YAML and flags
+        merged.setdefault(name, (f"protocol {protocol}", value))
     own = option_fields(method_cls.Settings) if method_cls.Settings is not None else {}
     owners = method_option_owners()
     core: dict[str, Any] = {}

@@ -35,9 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config import build_config, load_yaml
+from ..data.benchmarks import resolve_tasks
 from ..errors import ConfigError, UserError
 from ..io import atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
 from ..methods import builtin_names, resolve_method
+from ..protocol import single_overrides
 from ..runs.rundir import RunDirectory
 from .report import bench_markdown, build_report, plot_report
 
@@ -51,12 +53,19 @@ def comparable_methods() -> list[str]:
     return [m for m in builtin_names() if resolve_method(m).in_bench]
 
 
-def shares_first_stage(method: str) -> bool:
+def shares_first_stage(method: str, run: dict | None = None) -> bool:
     """Whether a method's first stage is plain LoRA fine-tuning from the initial adapter (the
     same for every such method with the same seed): one stage-by-stage (not joint) method whose
-    hooks do nothing on a task without memory. Merging methods and ``replay`` are inactive then."""
+    hooks do nothing on a task without memory. Merging methods and ``replay`` are inactive then.
+    ``single`` is not, under a protocol that trains it differently (``protocol.single_overrides``)."""
     cls = resolve_method(method)
+    if method == "single" and run is not None and _single_overrides(run):
+        return False
     return not cls.joint and method in {"seq", "replay", "merge-end", "merge-fixed", "aimmerging", "single"}
+
+
+def _single_overrides(run: dict) -> dict:
+    return single_overrides(build_config({**run, "method": "single"}).to_dict())
 
 
 def load_bench_config(path: str | Path, quick: bool, overrides: dict[str, Any], methods: list[str] | None = None) -> dict:
@@ -84,9 +93,21 @@ def load_bench_config(path: str | Path, quick: bool, overrides: dict[str, Any], 
     return cfg
 
 
-def _method_config(bench: dict, method: str, out: Path) -> dict:
-    values = {**bench["run"], "method": method, "output_dir": str(out / method)}
+def _method_config(bench: dict, method: str, out: Path, run_dir: Path | None = None) -> dict:
+    values = {**bench["run"], "method": method, "output_dir": str(run_dir or out / method)}
+    if method == "single":
+        values.update(_single_overrides(bench["run"]))
     return build_config(values).to_dict()
+
+
+def run_method(config: str | Path, quick: bool, overrides: dict, method: str, run_dir: Path, cfg_path: Path,
+               progress: bool = True, isolate: bool = True) -> None:
+    """One method of the benchmark ``config`` in ``run_dir`` (resumable), outside a bench directory."""
+    bench = load_bench_config(config, quick, overrides, None)
+    cfg = _method_config(bench, method, run_dir.parent, run_dir)
+    atomic_write_yaml(cfg_path, cfg)
+    _run_module(["aimmerging.bench.worker", str(cfg_path), *([] if progress else ["--no-progress"])],
+                f"method {method}", isolate)
 
 
 def _run_module(args: list[str], log_hint: str, isolate: bool) -> None:
@@ -104,46 +125,111 @@ def _run_module(args: list[str], log_hint: str, isolate: bool) -> None:
                         "options to resume")
 
 
-def _share_first_stage(src: Path, method_cfg: dict, method_dir: Path) -> None:
-    """Copy the finished first stage of ``src`` into a new run directory of ``method_cfg``."""
-    stages = sorted((src / "stages").glob("00-*"))
-    if not stages or not (stages[0] / "scores.json").is_file() or (method_dir / "stages" / stages[0].name).exists():
-        return
+def _share_stages(src: Path, method_cfg: dict, method_dir: Path, count: int = 1) -> int:
+    """Copy the finished stages 0 .. count-1 of the run in ``src`` into the run directory of
+    ``method_cfg`` (created if needed) where it lacks them; the caller knows they compute the same.
+    Returns how many were copied."""
     if (method_dir / "config.yaml").is_file() and load_yaml(method_dir / "config.yaml") != method_cfg:
-        return  # a different run lives there; the run itself decides what to do with it
-    RunDirectory(method_dir).init(build_config(method_cfg), replace=False)
-    tmp = method_dir / "stages" / f".tmp-{stages[0].name}"
-    shutil.copytree(stages[0], tmp)
-    os.replace(tmp, method_dir / "stages" / stages[0].name)
+        return 0  # a different run lives there; the run itself decides what to do with it
+    copied = 0
+    for index in range(count):
+        stages = sorted((src / "stages").glob(f"{index:02d}-*"))
+        if not stages or not (stages[0] / "scores.json").is_file():
+            break
+        target = method_dir / "stages" / stages[0].name
+        if target.exists():
+            continue
+        if not (method_dir / "config.yaml").is_file():
+            RunDirectory(method_dir).init(build_config(method_cfg), replace=False)
+        tmp = method_dir / "stages" / f".tmp-{stages[0].name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(stages[0], tmp)
+        os.replace(tmp, target)
+        copied += 1
+    return copied
+
+
+def _shared_prefix(method: str, cfg: dict, out: Path, siblings: list[Path]) -> None:
+    """Stages another cell of a study has finished and this run would compute identically: the
+    same method and options but the task order, whose first k tasks are the same (a stage-by-stage
+    method's stage i depends only on tasks 0..i; the last stage, which scores every task, is
+    never shared)."""
+    if resolve_method(method).joint or method == "single":
+        return
+    tasks = _tasks(cfg)
+    if tasks is None:
+        return
+    mine = {k: v for k, v in cfg.items() if k not in _CELL_KEYS}
+    for other in siblings:
+        src = other / method
+        if src.resolve() == (out / method).resolve() or not (src / "config.yaml").is_file():
+            continue
+        theirs = load_yaml(src / "config.yaml")
+        if {k: v for k, v in theirs.items() if k not in _CELL_KEYS} != mine:
+            continue
+        other_tasks = _tasks(theirs)
+        if other_tasks is None:
+            continue
+        k = 0
+        while k < min(len(tasks), len(other_tasks)) - 1 and tasks[k] == other_tasks[k]:
+            k += 1
+        if k and _share_stages(src, cfg, out / method, k):
+            log.info("bench: %s shares its first %d stage(s) with %s", method, k, src)
+
+
+def _tasks(cfg: dict) -> list[str] | None:
+    if cfg.get("data"):
+        return None  # a task-stream file: not a named order
+    try:
+        return resolve_tasks(cfg.get("benchmark"), int(cfg.get("order", 1)), cfg.get("tasks"))
+    except ConfigError:
+        return None
+
+
+_CELL_KEYS = {"order", "output_dir", "fwt_reference", "tasks"}
 
 
 def run_bench(config: str | Path, output_dir: str | Path, quick: bool = False, overrides: dict | None = None,
-              progress: bool = True, isolate: bool = True, methods: list[str] | None = None) -> dict:
+              progress: bool = True, isolate: bool = True, methods: list[str] | None = None,
+              single_dir: str | Path | None = None, siblings: list[Path] | None = None,
+              throughput_study: bool = True) -> dict:
+    """Every method of ``config`` in ``output_dir`` (resumable). ``methods``: a subset (a shard:
+    several invocations with different subsets fill the same directory). ``single_dir``: a
+    finished FWT reference run to use instead of running ``single`` here (a study shares one per
+    seed). ``siblings``: other cells of a study whose finished stages may be shared."""
     bench = load_bench_config(config, quick, overrides or {}, methods)
+    chosen = list(bench["methods"])
+    # bench.yaml lists every method planned (the config's, and every shard's)
+    planned = load_bench_config(config, quick, overrides or {}, None)["methods"] if methods else []
     out = Path(output_dir)
     resolved = out / "bench.yaml"
-    if resolved.is_file() and load_yaml(resolved) != bench:
+    before = load_yaml(resolved) if resolved.is_file() else None
+    if before is not None and {k: v for k, v in before.items() if k != "methods"} != \
+            {k: v for k, v in bench.items() if k != "methods"}:
         raise ConfigError(f"{out} holds a benchmark with a different config; choose another --output-dir")
+    bench["methods"] = list(dict.fromkeys([*planned, *((before or {}).get("methods") or []), *chosen]))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_yaml(resolved, bench)
     flags = [] if progress else ["--no-progress"]
 
     throughput = out / "throughput.json"
-    if not throughput.is_file():
+    if throughput_study and not throughput.is_file():
         cfg_path = out / "configs" / "seq.yaml"
         atomic_write_yaml(cfg_path, _method_config(bench, "seq", out))
         log.info("throughput study (peak FLOP rate, FLOPs per token, levers)")
         _run_module(["aimmerging.bench.throughput", str(cfg_path), str(throughput), str(bench["throughput_steps"])],
                         "throughput study", isolate)
 
-    order = ["seq", "single", *[m for m in bench["methods"] if m != "seq"]]
+    reference = Path(single_dir) if single_dir is not None else out / "single"
+    order = ["seq", *([] if single_dir is not None else ["single"]), *[m for m in chosen if m != "seq"]]
     walls: dict[str, float] = {}
     for method in order:
         cfg = _method_config(bench, method, out)
         if method not in ("seq", "single", "mtl"):
-            cfg["fwt_reference"] = str(out / "single")
-        if method != "seq" and shares_first_stage(method):
-            _share_first_stage(out / "seq", cfg, out / method)
+            cfg["fwt_reference"] = str(reference)
+        _shared_prefix(method, cfg, out, siblings or [])
+        if method != "seq" and shares_first_stage(method, bench["run"]):
+            _share_stages(out / "seq", cfg, out / method)
         cfg_path = out / "configs" / f"{method}.yaml"
         atomic_write_yaml(cfg_path, cfg)
         log.info("bench: %s", method)
@@ -151,7 +237,11 @@ def run_bench(config: str | Path, output_dir: str | Path, quick: bool = False, o
         _run_module(["aimmerging.bench.worker", str(cfg_path), *flags], f"method {method}", isolate)
         walls[method] = time.perf_counter() - start
 
-    runs = {m: read_json(out / m / "results.json") for m in order}
+    names = ["seq", *[m for m in bench["methods"] if m != "seq"]]
+    runs = {m: read_json(out / m / "results.json") for m in names if (out / m / "results.json").is_file()}
+    runs["single"] = read_json(reference / "results.json")
+    if not throughput.is_file():
+        return {"name": bench["name"], "methods": list(runs)}  # a study cell: the study report covers it
     report = build_report(bench, runs, read_json(throughput), process_walls=walls)
     atomic_write_json(out / "report.json", report)
     plot_report(report, out / "report.png")

@@ -7,6 +7,9 @@
   (LM head only where labels are, padding to the batch's longest sequence, grouping similar
   lengths, thread count) and reports tokens per second and the FLOP rate as a fraction of the peak;
   more rows show what a larger micro-batch or no LoRA dropout would give (the runs keep the config's).
+* :func:`precision_study` times the same training steps, probe passes and generation in fp32 and
+  under bf16 autocast, alternating, against the fp32 and bf16 matmul peaks (CPUs with bf16
+  instructions).
 * :func:`time_breakdown` profiles the runs' step and splits its time into matmuls, attention,
   dropout masks and the rest, with the matmuls' own FLOP rate.
 
@@ -27,9 +30,9 @@ import torch
 from ..data.olora import Example
 
 
-def matmul_peak(n: int = 2048, repeats: int = 6) -> float:
-    """Best fp32 GFLOP/s of an ``n x n`` by ``n x n`` matmul on this process's threads."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n: int = 2048, repeats: int = 6, dtype: torch.dtype = torch.float32) -> float:
+    """Best GFLOP/s of an ``n x n`` by ``n x n`` matmul in ``dtype`` on this process's threads."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -194,6 +197,68 @@ def time_breakdown(engine, cfg, examples: Sequence[Example], steps: int = 2) -> 
             "matmul_gflops": matmul_gflops}
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 matmul instructions (AVX512-BF16 or AMX): bf16 autocast pays."""
+    cpu = getattr(torch, "cpu", None)
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def precision_study(engine, cfg, examples: Sequence[Example], steps: int = 3, rounds: int = 3,
+                    memory_batch: int | None = None, generate_batch: int = 20, new_tokens: int = 8) -> dict:
+    """fp32 against bf16 autocast (LoRA weights, gradients and optimizer stay fp32) on identical
+    work, alternating ``rounds`` times (fp32, bf16, fp32, ...): ``steps`` training steps, as many
+    probe passes (a memory batch, train mode, no gradients) and one greedy generation of
+    ``generate_batch`` prompts for ``new_tokens`` tokens (EOS ignored). Best round of each.
+    The training step's FLOP rate is compared with the matmul peak of its own precision."""
+    from ..evaluation.generate import generate_predictions
+
+    batches = _batches(examples, cfg, engine, cfg.group_by_length, steps + 1)
+    probe = list(examples[: memory_batch or cfg.memory_batch_size])
+    prompts = list(examples[:generate_batch])
+    flops = sum(count_step_flops(engine, mb) for mb in batches[1:])
+    tokens = sum(engine.formatter.length(e) for step in batches[1:] for mb in step for e in mb)
+    optimizer = torch.optim.AdamW(engine.params, lr=1e-7)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    model = engine.peft_model
+    eos = model.generation_config.eos_token_id
+    precisions = {"fp32": None, "bf16": torch.bfloat16}
+    best: dict[str, dict[str, float]] = {k: {} for k in precisions}
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    for round_ in range(rounds + 1):  # round 0 warms both up
+        for name, dtype in precisions.items():
+            ctx = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else (lambda: torch.autocast("cpu", enabled=False))
+            with ctx():
+                step = timed(lambda: [engine.inner_step(b, optimizer, sched) for b in batches[1:]]) / steps
+                passes = timed(lambda: [engine.mean_loss(probe, train_mode=True, chunk=len(probe)) for _ in range(steps)]) / steps
+            model.generation_config.eos_token_id = None  # every row generates new_tokens tokens
+            try:
+                gen = timed(lambda: generate_predictions(model, engine.formatter, prompts, batch_size=generate_batch,
+                                                         max_new_tokens=new_tokens, progress=False,
+                                                         autocast_dtype=dtype))
+            finally:
+                model.generation_config.eos_token_id = eos
+            if round_ == 0:
+                continue
+            for key, value in (("step_s", step), ("probe_s", passes), ("generate_s", gen)):
+                best[name][key] = min(best[name].get(key, float("inf")), value)
+    peaks = {"fp32": max(matmul_peak(), matmul_peak()), "bf16": max(matmul_peak(dtype=torch.bfloat16),
+                                                                      matmul_peak(dtype=torch.bfloat16))}
+    rows = {}
+    for name, b in best.items():
+        gflops = flops / steps / b["step_s"] / 1e9
+        rows[name] = {**b, "tokens_per_s": tokens / steps / b["step_s"], "gflops": gflops,
+                      "peak_gflops": peaks[name], "fraction_of_peak": gflops / peaks[name],
+                      "generated_tokens_per_s": generate_batch * new_tokens / b["generate_s"]}
+    return {"steps": steps, "rounds": rounds, "memory_batch": len(probe), "generate_batch": len(prompts),
+            "new_tokens": new_tokens, "bf16_instructions": cpu_has_bf16(), "rows": rows,
+            "speedup": {k: rows["fp32"][k] / rows["bf16"][k] for k in ("step_s", "probe_s", "generate_s")}}
+
+
 def flops_per_token(engine, cfg, examples: Sequence[Example], steps: int = 2) -> float:
     """FLOPs per (non-padding) token of the training step as the runs execute it."""
     batches = _batches(examples, cfg, engine, cfg.group_by_length, steps)
@@ -220,6 +285,8 @@ def main(argv: list[str]) -> int:
     study = lever_study(engine, cfg, examples, steps=steps, peak=peak)
     study["flops_per_token"] = flops_per_token(engine, cfg, examples)
     study["breakdown"] = time_breakdown(engine, cfg, examples)
+    if engine.accelerator.device.type == "cpu" and cfg.mixed_precision == "no" and cpu_has_bf16():
+        study["precision"] = precision_study(engine, cfg, examples, steps=steps)
     # the peak is what the machine can do: the best of the measurements before and after the
     # study (anything else running at the time can only lower a measurement)
     study["peak_measurements_gflops"] = [peak, matmul_peak()]
@@ -233,6 +300,10 @@ def main(argv: list[str]) -> int:
     for row in study["rows"]:
         print(f"{row['lever']}: {row['step_s']:.2f} s/step, {row['tokens_per_s']:.0f} tokens/s, "
               f"{row['gflops']:.1f} GFLOP/s = {100 * row['fraction_of_peak']:.0f}% of {peak:.1f}")
+    for name, row in (study.get("precision") or {}).get("rows", {}).items():
+        print(f"{name}: {row['step_s']:.2f} s/step, {row['tokens_per_s']:.0f} tokens/s, {100 * row['fraction_of_peak']:.0f}% "
+              f"of the {name} peak {row['peak_gflops']:.0f} GFLOP/s; probe {row['probe_s']:.2f} s; "
+              f"generation {row['generated_tokens_per_s']:.0f} tokens/s")
     print("time of the runs' step: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in breakdown["shares"].items())
           + f"; matmuls alone at {100 * (breakdown['matmul_fraction_of_peak'] or 0):.0f}% of peak")
     return 0

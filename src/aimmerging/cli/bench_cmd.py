@@ -1,30 +1,83 @@
-"""``aimmerging bench``: every method side by side on one stream and model (``aimmerging.bench``)."""
+"""``aimmerging bench``: every method side by side on one stream and model (``aimmerging.bench``);
+with ``--orders`` (and ``--seeds``) a study over task orders with confidence intervals, and
+``aimmerging bench report`` rebuilds a study's report from what is finished."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..errors import ConfigError
+
 
 def register(sub, argv=None) -> None:
-    b = sub.add_parser("bench", help="every method side by side on one stream and model: quality, speed, cost")
+    b = sub.add_parser("bench", help="every method side by side on one stream and model: quality, speed, cost; "
+                                     "'bench report' rebuilds a study's report")
+    b.add_argument("action", nargs="?", choices=("run", "report"), default="run",
+                   help="run (default) or report: rebuild report.{md,json,png} of a study (--orders) from its finished runs")
     b.add_argument("--config", default="benchmarks/standard-cl.yaml",
                    help="benchmark config (default: benchmarks/standard-cl.yaml)")
     b.add_argument("--quick", action="store_true", help="the config's quick variant (2 tasks, fewer steps)")
-    b.add_argument("--output-dir", default=None, help="default: runs/bench (runs/bench-quick with --quick)")
+    b.add_argument("--output-dir", default=None,
+                   help="default: runs/bench (runs/bench-quick with --quick, runs/study with --orders)")
+    b.add_argument("--orders", default=None,
+                   help="comma-separated task orders: a study over orders (and --seeds) with 95 %% confidence intervals")
+    b.add_argument("--seeds", default=None, help="comma-separated seeds of a study (default: the config's seed)")
     b.add_argument("--data-dir", default=None, help="override the config's data directory")
     b.add_argument("--model", default=None, help="override the config's model")
-    b.add_argument("--methods", default=None, help="comma-separated methods to compare (default: the config's)")
+    b.add_argument("--methods", default=None,
+                   help="comma-separated methods to run (default: the config's); a study can be run in shards of methods")
+    b.add_argument("--protocol", default=None, choices=("default", "reference"),
+                   help="override the config's evaluation protocol (the bench configs use reference)")
+    b.add_argument("--mixed-precision", default=None, choices=("no", "bf16", "fp16"),
+                   help="override the config's training precision (autocast; LoRA weights and merges stay fp32)")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_bench)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from ..bench import bench_markdown, run_bench
+def _ints(flag: str, text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag}: expected comma-separated integers, got '{text}'") from None
+    if not values:
+        raise ConfigError(f"{flag}: no value given")
+    return values
 
-    overrides = {k: v for k, v in (("data_dir", args.data_dir), ("model", args.model), ("threads", args.threads))
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    orders, seeds = _ints("--orders", args.orders), _ints("--seeds", args.seeds)
+    if args.action == "report":
+        from ..bench.study_report import study_markdown, write_study_report
+
+        out = args.output_dir or "runs/study"
+        report = write_study_report(out, command=f"aimmerging bench report --output-dir {out}")
+        print(study_markdown(report))
+        print(f"Report: {out}/report.md, {out}/report.json, {out}/report.png")
+        return 0
+    overrides = {k: v for k, v in (("data_dir", args.data_dir), ("model", args.model), ("threads", args.threads),
+                                   ("protocol", args.protocol), ("mixed_precision", args.mixed_precision))
                  if v is not None}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    if orders is None and seeds is not None:
+        raise ConfigError("--seeds: only with --orders (a study), e.g. --orders 1,2,3 --seeds 42,43")
+    if orders is not None:
+        from ..bench.study import run_study
+        from ..bench.study_report import study_markdown
+
+        out = args.output_dir or "runs/study"
+        command = " ".join(["aimmerging bench", *([f"--config {args.config}"] if args.config != "benchmarks/standard-cl.yaml" else []),
+                            *(["--quick"] if args.quick else []), f"--orders {args.orders}",
+                            *([f"--seeds {args.seeds}"] if args.seeds else []), f"--output-dir {out}"])
+        report = run_study(args.config, out, orders, seeds, quick=args.quick, overrides=overrides,
+                           progress=not args.no_progress, methods=methods, command=command)
+        print(study_markdown(report))
+        print(f"Report: {out}/report.md, {out}/report.json, {out}/report.png")
+        return 0
+    from ..bench import bench_markdown, run_bench
+
     out = args.output_dir or ("runs/bench-quick" if args.quick else "runs/bench")
     report = run_bench(args.config, out, quick=args.quick, overrides=overrides, progress=not args.no_progress,
                        methods=methods)

@@ -16,9 +16,12 @@ on the prompt (and on padding): the loss covers only the answer tokens.
 
 Seq2seq models (T5): the encoder reads ``input`` verbatim; the labels are ``output`` + EOS.
 
-Truncation: a prompt longer than its budget loses tokens from the middle: the head (instruction,
-options, start of the text) and the last ``TAIL_TOKENS`` tokens (the end of the text and
-``Answer:``) are kept. Answers are cut at ``max_target_tokens``.
+Truncation (``truncation="middle"``, the default): a prompt longer than its budget loses tokens
+from the middle: the head (instruction, options, start of the text) and the last ``TAIL_TOKENS``
+tokens (the end of the text and ``Answer:``) are kept. ``truncation="right"`` (the reference's,
+made for T5) keeps the first ``max_input_tokens``; for a causal LM that cuts ``Answer:`` from the
+few prompts over budget. With ``truncate_eval_prompts=False`` (the reference) generation sees the
+whole prompt. Answers are cut at ``max_target_tokens``.
 
 Batches: causal batches are left-padded (all answers end at the last position, so the LM head
 only has to run on the last positions); seq2seq batches are right-padded.
@@ -37,6 +40,11 @@ from .olora import Example
 
 TAIL_TOKENS = 12
 IGNORE_INDEX = -100
+
+
+def truncate(ids: list[int], budget: int, side: str) -> list[int]:
+    """``ids`` cut to ``budget``: from the middle (``truncate_middle``) or on the right."""
+    return truncate_middle(ids, budget) if side == "middle" else ids[:budget]
 
 
 def truncate_middle(ids: list[int], budget: int, tail: int = TAIL_TOKENS) -> list[int]:
@@ -61,7 +69,8 @@ class Formatter:
     """Turns examples into model inputs for one tokenizer and model kind (``causal``/``seq2seq``)."""
 
     def __init__(self, tokenizer, kind: str, max_input_tokens: int = 1024, max_target_tokens: int = 128,
-                 prompt_format: str = "plain", pad_to: int | None = None):
+                 prompt_format: str = "plain", pad_to: int | None = None, truncation: str = "middle",
+                 truncate_eval_prompts: bool = True):
         if kind not in ("causal", "seq2seq"):
             raise ValueError(f"unknown model kind {kind!r}")
         if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
@@ -73,6 +82,10 @@ class Formatter:
         self.max_input_tokens = max_input_tokens
         self.max_target_tokens = max_target_tokens
         self.prompt_format = prompt_format
+        if truncation not in ("middle", "right"):
+            raise ValueError(f"unknown truncation {truncation!r}")
+        self.truncation = truncation
+        self.truncate_eval_prompts = truncate_eval_prompts
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._cache: dict[tuple[str, str], Encoded] = {}
@@ -86,13 +99,22 @@ class Formatter:
         return other
 
     # -- token ids -------------------------------------------------------------------------
-    def prompt_ids(self, text: str) -> list[int]:
-        """The prompt's token ids after truncation, tokenised once per distinct prompt (evaluation
+    def _full_prompt_ids(self, text: str) -> list[int]:
+        """The prompt's token ids before truncation, tokenised once per distinct prompt (evaluation
         sorts by length and then collates: a long prompt is not re-tokenised each time)."""
         ids = self._prompt_cache.get(text)
         if ids is None:
             ids = self._prompt_cache[text] = self._tokenize_prompt(text)
-        return list(ids)
+        return ids
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """The prompt's token ids as trained on (truncated to ``max_input_tokens``)."""
+        return truncate(self._full_prompt_ids(text), self.max_input_tokens, self.truncation)
+
+    def eval_prompt_ids(self, text: str) -> list[int]:
+        """The prompt's token ids as generation sees them (whole with ``truncate_eval_prompts=False``)."""
+        ids = self._full_prompt_ids(text)
+        return truncate(ids, self.max_input_tokens, self.truncation) if self.truncate_eval_prompts else list(ids)
 
     def _tokenize_prompt(self, text: str) -> list[int]:
         if self.kind == "causal" and self.prompt_format == "chat":
@@ -101,7 +123,7 @@ class Formatter:
             ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         else:
             ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        return truncate_middle(list(ids), self.max_input_tokens)
+        return list(ids)
 
     def answer_ids(self, output: str) -> list[int]:
         """Target tokens: the answer text and EOS (always kept, even when the text is cut)."""
@@ -156,7 +178,7 @@ class Formatter:
 
     def collate_prompts(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         """A padded batch of prompts for generation (left padding for causal models)."""
-        prompts = [self.prompt_ids(e.input) for e in examples]
+        prompts = [self.eval_prompt_ids(e.input) for e in examples]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)

@@ -18,17 +18,13 @@ training and evaluation sets, the dev split when model selection needs it, and e
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from ..errors import DataError
 from .olora import SPLITS, Example, read_task
 from .sampling import balanced_subsample
-
-# Test files that are copies of the dev files in ../shared/data/long_sequence (see its README).
-DEV_IS_TEST = frozenset({"dbpedia", "yahoo"})
-
 
 class TaskStream:
     """An ordered task stream; ``split(task, name)`` returns that split's examples (DataError when
@@ -112,39 +108,100 @@ def _to_examples(task: str, split: str, rows: Iterable[Any]) -> list[Example]:
 @dataclass
 class TaskData:
     name: str
-    train: list[Example]  # capped, class-balanced
+    train: list[Example]  # capped, class-balanced (without the held-out examples)
     test: list[Example]  # capped, class-balanced (the evaluation split)
-    dev: list[Example] | None  # only loaded when validation is needed
+    dev: list[Example] | None  # validation pool, only loaded when validation is needed
     outputs: frozenset[str]  # distinct outputs of the full training set
     metric: str
+    holdout: list[Example] = field(default_factory=list)  # training examples held out for validation
+    dev_source: str | None = None  # where ``dev`` comes from (DEV_SOURCES)
+
+
+# Where a task's validation pool comes from.
+DEV_SOURCES = {
+    "dev": "the dev split",
+    "dev-overlap-kept": "the dev split, which holds examples of the scored split (--dev-test-overlap keep)",
+    "dev-minus-overlap": "the dev split without the examples it shares with the scored split",
+    "unused-train": "training examples outside --train-cap (the dev split is the scored split's examples)",
+    "train-holdout": "training examples held out of training (the dev split is the scored split's examples)",
+}
 
 
 def prepare_tasks(stream: TaskStream, *, seed: int, train_cap: Optional[int] = None, eval_cap: Optional[int] = None,
                   eval_split: str = "test", need_dev: bool = False,
-                  metric_for: Callable[[str, list[Example]], str]) -> dict[str, TaskData]:
+                  metric_for: Callable[[str, list[Example]], str], holdout: float | None = None,
+                  dev_test_overlap: str = "holdout") -> dict[str, TaskData]:
     """Read and check every split the run needs before any training starts; ``metric_for(task,
-    full training set)`` names each task's metric."""
+    full training set)`` names each task's metric.
+
+    ``holdout``: hold this fraction of each task's (capped) training set out of training, for
+    validation (``TaskData.holdout``; the reference's single-task runs). ``need_dev``: load a
+    validation pool (``TaskData.dev``) from the dev split; dev examples that are also in the
+    scored split are dropped (``dev_test_overlap="holdout"``), and a task left without any is
+    validated on training examples it does not train on (outside the cap, else held out);
+    ``"keep"`` keeps them (``dev_source`` says so, the runner warns)."""
     out: dict[str, TaskData] = {}
     for task in stream.tasks:
         train_full = stream.split(task, "train")
-        test_full = stream.split(task, eval_split)
+        scored_full = stream.split(task, eval_split)
+        train = balanced_subsample(train_full, train_cap, f"{seed}-train-{task}")
+        held: list[Example] = []
+        if holdout:
+            train, held = split_holdout(train, holdout, f"{seed}-holdout-{task}")
+        dev, source = None, None
+        if need_dev:
+            dev, source = _validation_pool(stream.split(task, "dev"), scored_full, dev_test_overlap)
+            if dev is None:  # every dev example is scored: training examples the run does not train on
+                trained = {id(e) for e in train}
+                unused = [e for e in train_full if id(e) not in trained]
+                if unused:
+                    dev, source = unused, "unused-train"
+                else:
+                    train, dev = split_holdout(train, holdout or 0.1, f"{seed}-holdout-{task}")
+                    source = "train-holdout"
         out[task] = TaskData(
-            name=task,
-            train=balanced_subsample(train_full, train_cap, f"{seed}-train-{task}"),
-            test=balanced_subsample(test_full, eval_cap, f"{seed}-test-{task}"),
-            dev=stream.split(task, "dev") if need_dev else None,
-            outputs=frozenset(e.output for e in train_full),
-            metric=metric_for(task, train_full))
+            name=task, train=train,
+            test=balanced_subsample(scored_full, eval_cap, f"{seed}-test-{task}"),
+            dev=dev, outputs=frozenset(e.output for e in train_full),
+            metric=metric_for(task, train_full), holdout=held, dev_source=source)
     return out
 
 
+def _validation_pool(dev: list[Example], scored: list[Example], mode: str) -> tuple[list[Example] | None, str]:
+    scored_keys = {(e.input, e.output) for e in scored}
+    clean = [e for e in dev if (e.input, e.output) not in scored_keys]
+    if len(clean) == len(dev):
+        return dev, "dev"
+    if mode == "keep":
+        return dev, "dev-overlap-kept"
+    return (clean, "dev-minus-overlap") if clean else (None, "")
+
+
+def split_holdout(examples: list[Example], fraction: float, seed: str) -> tuple[list[Example], list[Example]]:
+    """(kept, held out): ``int(fraction * N)`` examples (at least 1, at most N - 1) chosen by a
+    seeded shuffle, both in their original order."""
+    n = len(examples)
+    k = min(max(1, int(fraction * n)), n - 1) if n > 1 else 0
+    chosen = set(random.Random(seed).sample(range(n), k))
+    return ([e for i, e in enumerate(examples) if i not in chosen],
+            [e for i, e in enumerate(examples) if i in chosen])
+
+
 def validation_set(tasks: dict[str, TaskData], seen: list[str], per_task: int, seed: int) -> list[Example]:
-    """Reference validation set: the first ``per_task`` of each seen task's shuffled dev split,
-    concatenated and shuffled (ALGORITHM.md §2.2)."""
+    """Reference validation set: the first ``per_task`` of each seen task's shuffled validation
+    pool, concatenated and shuffled (ALGORITHM.md §2.2)."""
     val: list[Example] = []
     for task in seen:
         dev = list(tasks[task].dev or [])
         random.Random(f"val-{seed}-{task}").shuffle(dev)
         val.extend(dev[:per_task])
+    random.Random(f"val-{seed}").shuffle(val)
+    return val
+
+
+def holdout_validation_set(tasks: dict[str, TaskData], trained: list[str], seed: int) -> list[Example]:
+    """The held-out training examples of the tasks a stage trains on, shuffled (the reference's
+    single-task runs validate on their whole 10 % split)."""
+    val = [e for t in trained for e in tasks[t].holdout]
     random.Random(f"val-{seed}").shuffle(val)
     return val

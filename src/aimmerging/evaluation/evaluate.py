@@ -19,15 +19,17 @@ class TaskEvaluation:
 
 def evaluate_tasks(model, formatter: Formatter, data: dict[str, TaskData], tasks: list[str], *, batch_size: int,
                    max_new_tokens: int | None = None, accelerator=None, label: str = "",
-                   progress: bool = True) -> dict[str, TaskEvaluation]:
+                   progress: bool = True, autocast_dtype=None) -> dict[str, TaskEvaluation]:
     """Score ``model`` on the evaluation split of each of ``tasks`` with the task's metric;
-    ``max_new_tokens`` defaults to the task's longest training answer (EOS included)."""
+    ``max_new_tokens`` defaults to the task's longest training answer (EOS included);
+    ``autocast_dtype`` (e.g. ``torch.bfloat16``): generate under autocast to that dtype."""
     out: dict[str, TaskEvaluation] = {}
     for task in tasks:
         d = data[task]
         max_new = max_new_tokens or formatter.max_new_tokens(d.outputs)
         preds = generate_predictions(model, formatter, d.test, batch_size=batch_size, max_new_tokens=max_new,
-                                     accelerator=accelerator, desc=f"{label} eval {task}", progress=progress)
+                                     accelerator=accelerator, desc=f"{label} eval {task}", progress=progress,
+                                     autocast_dtype=autocast_dtype)
         scorer = SCORERS[d.metric]
         per = [scorer(p, e.output) for p, e in zip(preds, d.test)]
         rows = [{"id": e.id, "gold": e.output, "prediction": p, "score": s} for e, p, s in zip(d.test, preds, per)]

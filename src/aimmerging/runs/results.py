@@ -36,7 +36,7 @@ def load_reference(path: str | Path, tasks: Sequence[str]) -> list[Optional[floa
         data = read_json(p)
     except (OSError, ValueError) as e:
         raise UserError(f"fwt_reference: cannot read {p}: {e}") from None
-    ref = data.get("reference_scores") if isinstance(data, dict) else None
+    ref = data.get("reference_scores") if isinstance(data, dict) else None  # FWT's scores (see build_results)
     if not isinstance(ref, dict):
         raise UserError(f"fwt_reference: {p} has no reference_scores (is it the results.json of a 'single' run?)")
     return [ref.get(t) for t in tasks]
@@ -46,9 +46,12 @@ def build_results(*, cfg_dict: dict, tasks: Sequence[str], rows: dict[int, Row],
                   reference: Optional[list], zero_shot: Optional[Row], stages: list[dict], complete: bool,
                   single: bool) -> dict[str, Any]:
     a = accuracy_matrix(tasks, rows)
-    if single:  # the diagonal of a single-task run is the FWT reference of every other method
-        reference = [a[t][t] for t in range(len(tasks))]
-    metrics = all_metrics(a, reference)
+    # a protocol may score some answers differently for OP or FWT (stage records' ``use_scores``)
+    use = {u: use_matrix(tasks, a, stages, u) for u in ("op", "fwt")}
+    if single:  # the diagonal of a single-task run (as FWT scores it) is every other method's FWT reference
+        fwt_a = use["fwt"] or a
+        reference = [fwt_a[t][t] for t in range(len(tasks))]
+    metrics = all_metrics(a, reference, op_matrix=use["op"], fwt_matrix=use["fwt"])
     timing: dict[str, float] = {}
     for s in stages:
         for k, v in s.get("timing", {}).items():
@@ -67,7 +70,20 @@ def build_results(*, cfg_dict: dict, tasks: Sequence[str], rows: dict[int, Row],
         "complete": complete,
         "timing": timing,
         "stages": stages,
+        **({"use_matrices": {u: m for u, m in use.items() if m}} if any(use.values()) else {}),
     }
+
+
+def use_matrix(tasks: Sequence[str], a: list[list[Optional[float]]], stages: list[dict],
+               use: str) -> Optional[list[list[Optional[float]]]]:
+    """``a`` with the stages' ``use_scores[use]`` in place of their scores; None when no stage has any."""
+    index = {t: j for j, t in enumerate(tasks)}
+    out = None
+    for s in stages:
+        for task, score in (s.get("use_scores") or {}).get(use, {}).items():
+            out = out or [list(row) for row in a]
+            out[s["row"]][index[task]] = score
+    return out
 
 
 def fmt_number(x: Any, signed: bool = False, digits: int = 4, missing: str = "-") -> str:

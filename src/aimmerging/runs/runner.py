@@ -25,10 +25,11 @@ from ..config import RunConfig
 from ..data.benchmarks import SYNTHETIC, resolve_tasks
 from ..data.formatting import Formatter
 from ..data.memory import ReplayMemory
-from ..data.stream import DEV_IS_TEST, TaskStream, prepare_tasks, validation_set
+from ..data.stream import DEV_SOURCES, TaskStream, holdout_validation_set, prepare_tasks, validation_set
 from ..errors import ConfigError
 from ..evaluation.evaluate import evaluate_tasks
-from ..evaluation.scoring import choose_metric
+from ..evaluation.generate import half_precision_dtype
+from ..evaluation.scoring import choose_metric, use_scores
 from ..io import atomic_write_json, read_jsonl
 from ..methods.base import Method
 from ..models.loading import load_base_model, model_kind
@@ -92,7 +93,8 @@ def build_engine(cfg: RunConfig, accelerator, model: Any = None, *, full_logits:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
     base.config.use_cache = False
-    formatter = Formatter(tokenizer, kind, cfg.max_input_tokens, cfg.max_target_tokens, cfg.prompt_format)
+    formatter = Formatter(tokenizer, kind, cfg.max_input_tokens, cfg.max_target_tokens, cfg.prompt_format,
+                          truncation=cfg.truncation, truncate_eval_prompts=cfg.truncate_eval_prompts)
     set_seed(cfg.seed)
     # rank_multiplier: the method's adapter_rank_multiplier (O-LoRA: one rank slot per task); alpha
     # grows with the rank so that PEFT's scaling alpha / r stays the same
@@ -103,6 +105,15 @@ def build_engine(cfg: RunConfig, accelerator, model: Any = None, *, full_logits:
     engine = Engine(prepared, formatter, accelerator, micro_batch_size=cfg.micro_batch_size,
                     max_grad_norm=cfg.max_grad_norm, full_logits=full_logits)
     return Built(engine, formatter, initial)
+
+
+def stage_use_scores(evals: dict, data: dict, scoring: str) -> dict[str, dict[str, float]]:
+    """{use: {task: score}} where the protocol scores a stage's answers differently for OP or FWT."""
+    out: dict[str, dict[str, float]] = {}
+    for task, e in evals.items():
+        for use, score in use_scores(task, data[task].metric, e.rows, scoring).items():
+            out.setdefault(use, {})[task] = score
+    return out
 
 
 class Runner:
@@ -117,13 +128,16 @@ class Runner:
         self.stream = stream or stream_from_config(cfg)
         self.tasks = self.stream.tasks
         self.data = prepare_tasks(self.stream, seed=cfg.seed, train_cap=cfg.train_cap, eval_cap=cfg.eval_cap,
-                                  eval_split=cfg.eval_split, need_dev=bool(cfg.select_best_every),
+                                  eval_split=cfg.eval_split,
+                                  need_dev=bool(cfg.select_best_every) and cfg.validation == "dev",
+                                  holdout=cfg.val_holdout if cfg.select_best_every and cfg.validation == "train-holdout" else None,
+                                  dev_test_overlap=cfg.dev_test_overlap,
                                   metric_for=lambda task, train: (cfg.metric or {}).get(task)
                                   or choose_metric(task, (e.output for e in train)))
         unknown = set(cfg.metric or {}) - set(self.tasks)
         if unknown:
             raise ConfigError(f"metric: override for task(s) not in the stream: {', '.join(sorted(unknown))}")
-        self._warn_dev_is_test()
+        self._log_validation_sources()
         self.reference = load_reference(cfg.fwt_reference, self.tasks) if cfg.fwt_reference else None
         self.stages = plan_stages(self.method, self.tasks, cfg.eval_scope)
         self.train_settings = TrainSettings.from_config(cfg)
@@ -132,11 +146,21 @@ class Runner:
         self.records: list[dict] = []  # every trace record emitted by this process in this invocation
         self.timers_total: dict[str, float] = {}
 
-    def _warn_dev_is_test(self) -> None:
-        overlap = DEV_IS_TEST & set(self.tasks)
-        if self.cfg.select_best_every and overlap:
-            log.warning("model selection reads the dev split, which is a copy of the test split for %s "
-                        "in the shared long-sequence data: their test scores are optimistic", ", ".join(sorted(overlap)))
+    def _log_validation_sources(self) -> None:
+        by_source: dict[str, list[str]] = {}
+        for task, d in self.data.items():
+            if d.dev_source and d.dev_source != "dev":
+                by_source.setdefault(d.dev_source, []).append(task)
+        for source, tasks in by_source.items():
+            if source == "dev-overlap-kept":
+                log.warning("model selection reads dev examples that are also scored (%s split) for %s: their "
+                            "scores are optimistic (--dev-test-overlap holdout avoids it)", self.cfg.eval_split,
+                            ", ".join(tasks))
+            else:
+                log.info("validation of %s: %s", ", ".join(tasks), DEV_SOURCES[source])
+
+    def _eval_autocast(self):
+        return half_precision_dtype(self.accelerator.device) if self.cfg.eval_precision == "half" else None
 
     # -- one stage -------------------------------------------------------------------------------------
     def _start_adapter(self, stage: Stage, current: int | None) -> None:
@@ -166,7 +190,11 @@ class Runner:
                                          cfg.memory_cap_per_task)
                   if self.method.uses_memory else ReplayMemory())
         train = [e for t in stage.train_tasks for e in self.data[t].train]
-        val = validation_set(self.data, self.tasks[: stage.index + 1], cfg.val_per_task, cfg.seed) if cfg.select_best_every else None
+        val = None
+        if cfg.select_best_every and cfg.validation == "train-holdout":
+            val = holdout_validation_set(self.data, stage.train_tasks, cfg.seed)
+        elif cfg.select_best_every:
+            val = validation_set(self.data, self.tasks[: stage.index + 1], cfg.val_per_task, cfg.seed)
         writes = self.run_dir is not None and self.is_main
         trace = None
         if writes:
@@ -184,9 +212,11 @@ class Runner:
         with timers.section("eval"):
             evals = evaluate_tasks(self.engine.peft_model, self.built.formatter, self.data, stage.eval_tasks,
                                    batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
-                                   accelerator=acc, label=f"[{stage.index + 1}]", progress=cfg.progress)
+                                   accelerator=acc, label=f"[{stage.index + 1}]", progress=cfg.progress,
+                                   autocast_dtype=self._eval_autocast())
+        use = stage_use_scores(evals, self.data, cfg.scoring)
         record = {"index": stage.index, "name": stage.name, "row": stage.row,
-                  "scores": {t: e.score for t, e in evals.items()}, **report,
+                  "scores": {t: e.score for t, e in evals.items()}, **({"use_scores": use} if use else {}), **report,
                   "memory_size": len(memory), "timing": timers.as_dict(),
                   "wall_s": round(time.perf_counter() - start, 3), "peak_rss_mb": peak_rss_mb()}
         if writes:
@@ -204,7 +234,8 @@ class Runner:
         restore(self.engine.params, self.built.initial_adapter)
         evals = evaluate_tasks(self.engine.peft_model, self.built.formatter, self.data, self.tasks,
                                batch_size=self.cfg.eval_batch_size, max_new_tokens=self.cfg.max_new_tokens,
-                               accelerator=self.accelerator, label="[zero-shot]", progress=self.cfg.progress)
+                               accelerator=self.accelerator, label="[zero-shot]", progress=self.cfg.progress,
+                               autocast_dtype=self._eval_autocast())
         scores = {t: e.score for t, e in evals.items()}
         if self.run_dir is not None and self.is_main:
             self.run_dir.commit_stage(ZERO_SHOT, {"scores": scores}, {t: e.rows for t, e in evals.items()})

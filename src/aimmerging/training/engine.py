@@ -244,17 +244,31 @@ class Engine:
         return float(loss_sum.detach())
 
     @torch.no_grad()
-    def mean_loss(self, examples: Sequence[Example], train_mode: bool) -> float:
-        """Mean answer-token loss of ``examples`` without gradients (chunked in micro-batches)."""
+    def mean_loss(self, examples: Sequence[Example], train_mode: bool, chunk: int | None = None) -> float:
+        """Mean answer-token loss of ``examples`` without gradients, in passes of ``chunk`` examples
+        (default: the micro-batch size)."""
+        sums = self._chunk_loss_sums(examples, train_mode, chunk or self.micro_batch_size)
+        return sum(loss for loss, _, _ in sums) / max(1, sum(tokens for _, tokens, _ in sums))
+
+    @torch.no_grad()
+    def batch_mean_loss(self, examples: Sequence[Example], batch_size: int) -> float:
+        """HF Trainer's evaluation loss (eval mode): each batch's mean answer-token loss, averaged
+        over the batches weighted by their number of examples."""
+        sums = self._chunk_loss_sums(examples, False, batch_size)
+        return sum(n * loss / max(1, tokens) for loss, tokens, n in sums) / max(1, len(examples))
+
+    def _chunk_loss_sums(self, examples: Sequence[Example], train_mode: bool, chunk: int) -> list[tuple[float, int, int]]:
+        """(summed answer loss over all processes, answer tokens, examples) per pass of ``chunk``."""
         was_training = self.model.training
         self.model.train(train_mode)
         try:
-            local = 0.0
-            for k in range(0, len(examples), self.micro_batch_size):
-                local += float(self._shard_loss_sum(examples[k:k + self.micro_batch_size]))
+            out = []
+            for k in range(0, len(examples), chunk):
+                part = examples[k:k + chunk]
+                out.append((self._reduce(float(self._shard_loss_sum(part))), self.label_tokens(part), len(part)))
         finally:
             self.model.train(was_training)
-        return self._reduce(local) / max(1, self.label_tokens(examples))
+        return out
 
     # -- optimizer steps -------------------------------------------------------------------------------
     def _finish_step(self, optimizer, faults: frozenset[str] = _NO_FAULTS) -> Optional[str]:

@@ -59,6 +59,8 @@ class TrainSettings:
     group_by_length: bool
     memory_batch_size: int
     select_best_every: Optional[int]
+    val_loss: str = "token-mean"
+    val_batch_size: Optional[int] = None
 
     @property
     def grad_accum(self) -> int:
@@ -109,6 +111,7 @@ class StageView:
         self.memory = memory
         self.optimizer = optimizer
         self._engine = engine
+        self._no_grad_chunk = max(cfg.micro_batch_size, cfg.memory_batch_size)
         self._timers = timers
         self._emit = emit
         self._rngs: dict[str, random.Random] = {}
@@ -119,7 +122,8 @@ class StageView:
         return self._rngs[name]
 
     def mean_loss(self, examples: Sequence[Example], train_mode: bool) -> float:
-        return self._engine.mean_loss(examples, train_mode=train_mode)
+        # without gradients a pass holds no graph: a memory batch (the probe's) goes in one pass
+        return self._engine.mean_loss(examples, train_mode=train_mode, chunk=self._no_grad_chunk)
 
     def update(self, examples: Sequence[Example], optimizer, loss_scale: float) -> Optional[float]:
         return self._engine.replay_step(examples, optimizer, loss_scale)
@@ -131,8 +135,11 @@ class StageView:
         self._emit(record)
 
 
-def validation_loss(engine: Engine, val: list[Example]) -> float:
-    return engine.mean_loss(val, train_mode=False)
+def validation_loss(engine: Engine, val: list[Example], cfg: TrainSettings) -> float:
+    """The validation loss (eval mode): over all answer tokens, or HF Trainer's mean of per-batch means."""
+    if cfg.val_loss == "batch-mean":
+        return engine.batch_mean_loss(val, cfg.val_batch_size or cfg.micro_batch_size)
+    return engine.mean_loss(val, train_mode=False, chunk=cfg.val_batch_size)
 
 
 def train_stage(engine: Engine, cfg: TrainSettings, stage: Stage, train: list[Example], memory: ReplayMemory,
@@ -188,7 +195,7 @@ def train_stage(engine: Engine, cfg: TrainSettings, stage: Stage, train: list[Ex
         extra = method.after_step(view, record) or []
         if val and cfg.select_best_every and step % cfg.select_best_every == 0:
             with timers.section("validation"):
-                loss = validation_loss(engine, val)
+                loss = validation_loss(engine, val, cfg)
             record["val_loss"] = loss
             if loss < best["loss"]:
                 best = {"loss": loss, "step": step, "params": snapshot(engine.params)}

@@ -1,0 +1,407 @@
+"""The report of a study: several benches of the same methods over task orders and seeds, with
+bootstrap confidence intervals (the statistics are in :mod:`aimmerging.evaluation.bootstrap`).
+
+Layout read (nothing else in the study directory is looked at)::
+
+    STUDY/o<order>-s<seed>/<method>/   one run directory per method and (order, seed) cell
+    STUDY/single-s<seed>/              the FWT reference of that seed: a run of ``single``
+    STUDY/report.json, report.md, report.png   written by :func:`write_study_report`
+
+Only runs whose ``results.json`` says ``"complete": true`` are used; any other method of a cell
+(incomplete, not started, listed in the cell's ``bench.yaml`` but absent) is reported as missing.
+Per-example scores come from ``stages/<NN>-<task>/predictions/<task>.jsonl`` of every stage with
+a ``row`` (a zero-shot stage is ignored); the runs of a cell must have scored the same test
+examples (ids, in order) of each task, or a :class:`StudyDataError` (a ValueError) names the two
+files. A cell has FWT only when its seed's ``single`` run is complete and scored the same test
+examples of every task of the cell; otherwise the reason is reported.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..errors import DataError, UserError
+from ..evaluation.bootstrap import METRICS, bootstrap_study
+from ..io import atomic_write_json, atomic_write_text, read_json, read_jsonl, read_yaml_mapping
+from ..runs.results import fmt_number
+
+CELL_DIR = re.compile(r"^o(\d+)-s(\d+)$")
+SINGLE_DIR = re.compile(r"^single-s(\d+)$")
+LABELS = {"op": "OP", "bwt": "BWT", "fwt": "FWT"}
+
+
+class StudyDataError(DataError, ValueError):
+    """The finished runs of a study disagree (other test examples, other tasks) or are damaged."""
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+def _status(run_dir: Path) -> tuple[Optional[dict], str]:
+    """(results, "complete") for a finished run, else (results or None, why it is not used)."""
+    if not run_dir.is_dir():
+        return None, "not started"
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return None, "started, no results yet"
+    try:
+        results = read_json(path)
+    except (OSError, ValueError) as e:
+        return None, f"unreadable results.json ({e})"
+    if not isinstance(results, dict):
+        return None, "unreadable results.json (not an object)"
+    if results.get("complete") is not True:
+        done, total = len(results.get("stages") or []), len(results.get("tasks") or [])
+        return results, f"incomplete ({done}/{total} stages)"
+    return results, "complete"
+
+
+def _stage_dirs(run_dir: Path) -> list[tuple[Path, dict]]:
+    """(directory, record) of every finished stage that fills a row of the accuracy matrix."""
+    stages = run_dir / "stages"
+    out = []
+    for d in sorted(stages.iterdir()) if stages.is_dir() else []:
+        if not d.is_dir() or d.name.startswith((".", "zero")) or not (d / "scores.json").is_file():
+            continue
+        try:
+            record = read_json(d / "scores.json")
+        except (OSError, ValueError) as e:
+            raise StudyDataError(f"{d / 'scores.json'}: unreadable ({e})") from None
+        if isinstance(record, dict) and record.get("row") is not None:
+            out.append((d, record))
+    return out
+
+
+def _predictions(path: Path) -> tuple[list, np.ndarray]:
+    if not path.is_file():
+        raise StudyDataError(f"{path}: missing (the stage's scores.json names this task)")
+    try:
+        records = read_jsonl(path)
+        return [r["id"] for r in records], np.array([float(r["score"]) for r in records], dtype=float)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StudyDataError(f"{path}: unreadable predictions ({type(e).__name__}: {e})") from None
+
+
+def load_run_scores(run_dir: str | os.PathLike) -> dict:
+    """The per-example scores of a finished run: ``{"rows": {row: {task: scores}}, "ids": {task:
+    (ids, path)}}``, checking that every stage scored the same examples of a task."""
+    run_dir = Path(run_dir)
+    rows: dict[int, dict[str, np.ndarray]] = {}
+    ids: dict[str, tuple[list, Path]] = {}
+    for d, record in _stage_dirs(run_dir):
+        row = int(record["row"])
+        for task in record.get("scores") or {}:
+            path = d / "predictions" / f"{task}.jsonl"
+            task_ids, scores = _predictions(path)
+            if task in ids and ids[task][0] != task_ids:
+                raise StudyDataError(_id_problem(task, path, ids[task][1]))
+            ids.setdefault(task, (task_ids, path))
+            rows.setdefault(row, {})[task] = scores
+    return {"rows": rows, "ids": ids}
+
+
+def _id_problem(task: str, path: Path, other: Path) -> str:
+    return (f"{path}: scored other test examples of task {task!r} than {other} (ids differ or are in "
+            "another order); the runs compared must score the same examples")
+
+
+def _bench_methods(cell_dir: Path) -> list[str]:
+    """The methods the cell's bench.yaml lists (its order is the report's), [] without one."""
+    path = cell_dir / "bench.yaml"
+    if not path.is_file():
+        return []
+    try:
+        methods = read_yaml_mapping(path, "bench file").get("methods") or []
+    except UserError:
+        return []
+    return [str(m) for m in methods] if isinstance(methods, list) else []
+
+
+def _is_run_dir(d: Path) -> bool:
+    return d.is_dir() and ((d / "results.json").is_file() or (d / "config.yaml").is_file() or (d / "stages").is_dir())
+
+
+def collect_study(study_dir: str | os.PathLike) -> dict:
+    """Everything the report needs from a study directory.
+
+    Returns ``{"study_dir", "methods": [names, in report order], "cells": {cell: {"order", "seed",
+    "tasks" (None when no run of the cell says), "runs": {method: {row: {task: scores}}} (complete
+    runs only), "single": {task: scores} or None, "single_dir", "fwt_note" (why the cell has no
+    FWT, or None)}}, "missing": [{"cell", "method", "status"}], "references": {seed: {"dir",
+    "status"}}}``. Raises :class:`StudyDataError` when complete runs of a cell disagree on tasks
+    or test examples, UserError when ``study_dir`` is not a directory."""
+    study = Path(study_dir)
+    if not study.is_dir():
+        raise UserError(f"{study}: not a directory")
+    cell_dirs = sorted((d for d in study.iterdir() if d.is_dir() and CELL_DIR.match(d.name)),
+                       key=lambda d: tuple(int(x) for x in CELL_DIR.match(d.name).groups()))
+    order: list[str] = []
+    for d in cell_dirs:
+        order += [m for m in _bench_methods(d) if m not in order]
+    found = sorted({r.name for d in cell_dirs for r in d.iterdir() if _is_run_dir(r)} - set(order))
+    methods = order + found
+
+    references: dict[str, dict] = {}
+    singles: dict[str, Optional[dict]] = {}
+    for seed in sorted({CELL_DIR.match(d.name).group(2) for d in cell_dirs}, key=int):
+        ref_dir = study / f"single-s{seed}"
+        results, status = _status(ref_dir)
+        references[seed] = {"dir": ref_dir.name, "status": status}
+        singles[seed] = _single_scores(ref_dir, results) if status == "complete" else None
+
+    cells: dict[str, dict] = {}
+    missing: list[dict] = []
+    for d in cell_dirs:
+        order_s, seed = CELL_DIR.match(d.name).groups()
+        cell = {"order": int(order_s), "seed": int(seed), "tasks": None, "runs": {}, "single": None,
+                "single_dir": references[seed]["dir"], "fwt_note": None}
+        ids: dict[str, tuple[list, Path]] = {}
+        first: Optional[Path] = None
+        for m in methods:
+            results, status = _status(d / m)
+            if results and cell["tasks"] is None and isinstance(results.get("tasks"), list):
+                cell["tasks"] = list(results["tasks"])  # provisional, from any run; a complete one wins
+            if status != "complete":
+                missing.append({"cell": d.name, "method": m, "status": status})
+                continue
+            tasks = list(results.get("tasks") or [])
+            if first is None:
+                first, cell["tasks"] = d / m, tasks
+            elif tasks != cell["tasks"]:
+                raise StudyDataError(f"{d / m}: tasks {tasks} differ from {cell['tasks']} of {first}; "
+                                     "the runs of a cell must share the task order")
+            scores = load_run_scores(d / m)
+            for task, (task_ids, path) in scores["ids"].items():
+                if task not in tasks:
+                    raise StudyDataError(f"{path}: task {task!r} is not one of the run's tasks {tasks}")
+                if task in ids and ids[task][0] != task_ids:
+                    raise StudyDataError(_id_problem(task, path, ids[task][1]))
+                ids.setdefault(task, (task_ids, path))
+            cell["runs"][m] = scores["rows"]
+        if first is not None:
+            cell["single"], cell["fwt_note"] = _cell_reference(references[seed], singles[seed], cell["tasks"], ids)
+        cells[d.name] = cell
+    for seed, ref in references.items():
+        if ref["status"] != "complete":
+            missing.append({"cell": ref["dir"], "method": "single", "status": f"{ref['status']} (the FWT reference)"})
+    return {"study_dir": str(study), "methods": methods, "cells": cells, "missing": missing, "references": references}
+
+
+def _single_scores(ref_dir: Path, results: dict) -> dict:
+    """{task: (ids, scores, path)} of a single run: each stage's score on its own task."""
+    out = {}
+    for d, record in _stage_dirs(ref_dir):
+        task = record.get("name")
+        if task in (record.get("scores") or {}):
+            path = d / "predictions" / f"{task}.jsonl"
+            task_ids, scores = _predictions(path)
+            out[task] = (task_ids, scores, path)
+    return out
+
+
+def _cell_reference(ref: dict, single: Optional[dict], tasks: list[str],
+                    ids: dict[str, tuple[list, Path]]) -> tuple[Optional[dict], Optional[str]]:
+    """The cell's FWT reference {task: scores}, or None and the reason."""
+    if single is None:
+        return None, f"{ref['dir']}: {ref['status']}"
+    for task in tasks:
+        if task not in single:
+            return None, f"{ref['dir']} has no stage scoring task {task!r}"
+        if task in ids and single[task][0] != ids[task][0]:
+            return None, f"{single[task][2]} scored other test examples of task {task!r} than {ids[task][1]}"
+    return {t: single[t][1] for t in tasks}, None
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+def build_study_report(study_dir: str | os.PathLike, reference: str = "aimmerging", B: int = 2000,
+                       seed: int = 0, level: float = 0.95) -> dict:
+    """The study's report (JSON-serialisable)::
+
+        {"study_dir", "reference",
+         "bootstrap": {"B", "seed", "level", "design"},
+         "methods": {m: {"cells": complete runs, "op"|"bwt"|"fwt": {"point", "ci": [lo, hi], "cells"}}},
+         "differences": {m: {"cells": cells where both ran,  # reference minus m
+                             "op"|"bwt"|"fwt": {"point", "ci", "cells", "verdict"}}},
+         "cells": {cell: {"order", "seed", "tasks", "n_examples": {task: n}, "single", "fwt_note",
+                          "methods": {m: {"op", "bwt", "fwt"}}}},
+         "missing": [{"cell", "method", "status"}],
+         "references": {seed: {"dir", "status"}}}
+
+    Every method seen (a run directory in a cell, or listed in a cell's bench.yaml) is in
+    "methods", with 0 cells and null figures when it has no complete run. UserError when no cell
+    has a complete run yet."""
+    study = collect_study(study_dir)
+    used = {c: cell for c, cell in study["cells"].items() if cell["runs"]}
+    if not used:
+        cells = ", ".join(study["cells"]) or "no o<order>-s<seed> directory"
+        raise UserError(f"{study_dir}: no finished run yet ({cells}); run the study first, "
+                        "or wait for a run to complete")
+    boot = bootstrap_study({c: cell["runs"] for c, cell in used.items()}, {c: cell["tasks"] for c, cell in used.items()},
+                           {c: cell["single"] for c, cell in used.items()}, reference=reference, B=B, seed=seed, level=level)
+    empty = {"point": None, "ci": None, "cells": 0}
+    methods = {m: boot["methods"].get(m, {"cells": 0, **{k: dict(empty) for k in METRICS}}) for m in study["methods"]}
+    differences = {}
+    if reference in boot["methods"]:
+        differences = {m: boot["differences"].get(m, {"cells": 0, **{k: {**empty, "verdict": None} for k in METRICS}})
+                       for m in study["methods"] if m != reference}
+    cells = {}
+    for c, cell in study["cells"].items():
+        got = boot["cells"].get(c, {"n_examples": {}, "methods": {}})
+        cells[c] = {"order": cell["order"], "seed": cell["seed"], "tasks": cell["tasks"], "n_examples": got["n_examples"],
+                    "single": cell["single_dir"] if cell["single"] is not None else None,
+                    "fwt_note": cell["fwt_note"], "methods": got["methods"]}
+    design = ("paired percentile bootstrap over test examples, resampled within each (order, seed) cell and task "
+              "with the same draws for every method and the single reference; a method's figure is the mean "
+              "over its cells")
+    return {"study_dir": study["study_dir"], "reference": reference,
+            "bootstrap": {"B": B, "seed": seed, "level": level, "design": design},
+            "methods": methods, "differences": differences, "cells": cells,
+            "missing": study["missing"], "references": study["references"]}
+
+
+def _with_ci(s: dict, signed: bool = False) -> str:
+    if s["point"] is None:
+        return "-"
+    lo, hi = s["ci"]
+    return f"{fmt_number(s['point'], signed)} [{fmt_number(lo, signed)}, {fmt_number(hi, signed)}]"
+
+
+def _entry(s: dict, k: str, signed: bool) -> str:
+    """A metric's table entry: point [CI], the verdict of a difference, and the number of cells
+    when the metric has fewer than the row (FWT without a reference in some seeds)."""
+    m = s[k]
+    if m["point"] is None:
+        return "-"
+    text = _with_ci(m, signed)
+    if m.get("verdict"):
+        text += f" {m['verdict']}"
+    if m["cells"] != s["cells"]:
+        text += f" ({m['cells']} cells)"
+    return text
+
+
+def study_markdown(report: dict, command: Optional[str] = None) -> str:
+    ref, boot = report["reference"], report["bootstrap"]
+    pct = f"{100 * boot['level']:g} %"
+    cells = report["cells"]
+    out = [f"# Study {Path(report['study_dir']).name}", ""]
+    if command:
+        out += [f"Command: `{command}`", ""]
+    out += [f"{len(cells)} cells (order, seed): {', '.join(cells)}. Each figure is the mean over the cells where the "
+            f"method has a complete run; intervals are {pct} paired percentile bootstrap intervals ({boot['B']} "
+            f"replicates, rng seed {boot['seed']}) resampling the test examples of each task within each cell, "
+            "with the same draws for every method and the `single` reference. FWT is against the seed's `single` "
+            "run; the joint `mtl` run has no diagonal, hence OP only.", "",
+            "## Methods", "", f"| method | cells | OP [{pct} CI] | BWT [{pct} CI] | FWT [{pct} CI] |",
+            "|---|---|---|---|---|"]
+    for m, s in report["methods"].items():
+        name = f"**{m}**" if m == ref else m
+        out.append(f"| {name} | {s['cells']} | " + " | ".join(_entry(s, k, k != "op") for k in METRICS) + " |")
+    out += ["", f"## {ref} minus method", ""]
+    if not report["differences"]:
+        out += [f"`{ref}` has no complete run: no paired differences.", ""]
+    else:
+        out += ["Over the cells where both have the metric; win: the interval lies above 0, loss: below 0, "
+                "tie: it contains 0.", "",
+                f"| method | cells | ΔOP [{pct} CI] | ΔBWT [{pct} CI] | ΔFWT [{pct} CI] |", "|---|---|---|---|---|"]
+        for m, d in report["differences"].items():
+            out.append(f"| {m} | {d['cells']} | " + " | ".join(_entry(d, k, True) for k in METRICS) + " |")
+        out.append("")
+    names = list(cells)
+    out += ["## Per cell", "", "Each entry: OP / BWT of the method's run in that cell.", "",
+            "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for m in report["methods"]:
+        entries = []
+        for c in names:
+            p = cells[c]["methods"].get(m)
+            entries.append("-" if p is None else f"{fmt_number(p['op'])} / {fmt_number(p['bwt'], True)}")
+        out.append(f"| {m} | " + " | ".join(entries) + " |")
+    out += ["", "## Not finished yet", ""]
+    notes = [f"- {x['cell']}: {x['method']} ({x['status']})" for x in report["missing"]]
+    # a cell without FWT although its reference is complete (a missing reference is listed above)
+    notes += [f"- {c}: no FWT ({cell['fwt_note']})" for c, cell in cells.items()
+              if cell["fwt_note"] and report["references"][str(cell["seed"])]["status"] == "complete"]
+    out += notes or ["Every run of every cell is complete."]
+    return "\n".join(out) + "\n"
+
+
+# -- the plot --------------------------------------------------------------------------------------
+
+def plot_study(report: dict, path: str | os.PathLike) -> Path:
+    """One panel per metric (point and interval per method, the reference in red) and one of the
+    paired differences ``reference - m`` with a line at 0. Drawn without pyplot, written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ..reporting.plots import save_figure
+
+    ref = report["reference"]
+    methods = list(report["methods"])
+    pct = f"{100 * report['bootstrap']['level']:g} %"
+    height = max(3.5, 0.35 * len(methods) + 1.5)
+    fig = Figure(figsize=(17, height))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 4, sharey=True)
+    ys = list(range(len(methods)))[::-1]  # first method on top
+    for ax, k in zip(axes, METRICS):
+        for m, y in zip(methods, ys):
+            s = report["methods"][m][k]
+            if s["point"] is not None:
+                _errorbar(ax, s, y, "tab:red" if m == ref else "#333333")
+        ax.set_title(f"{LABELS[k]} ({pct} CI)")
+        if k != "op":
+            ax.axvline(0, color="gray", linewidth=0.8)
+        ax.grid(axis="x", alpha=0.3)
+    ax = axes[3]
+    colours = {"op": "tab:blue", "bwt": "tab:orange", "fwt": "tab:green"}
+    offsets = {"op": 0.2, "bwt": 0.0, "fwt": -0.2}
+    for m, y in zip(methods, ys):
+        for k in METRICS:
+            d = report["differences"].get(m, {}).get(k)
+            if d and d["point"] is not None:
+                _errorbar(ax, d, y + offsets[k], colours[k], label=LABELS[k])
+    ax.axvline(0, color="black", linewidth=1.0)
+    ax.set_title(f"{ref} minus method")
+    ax.grid(axis="x", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize="small")
+    axes[0].set_yticks(ys, methods)
+    for label in axes[0].get_yticklabels():
+        if label.get_text() == ref:
+            label.set_color("tab:red")
+            label.set_fontweight("bold")
+    axes[0].set_ylim(-0.7, len(methods) - 0.3)
+    fig.suptitle(f"Study {Path(report['study_dir']).name}: {len(report['cells'])} cells, "
+                 f"{report['bootstrap']['B']} bootstrap replicates")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _errorbar(ax, s: dict, y: float, colour: str, label: Optional[str] = None) -> None:
+    point, (lo, hi) = s["point"], s["ci"]
+    # a percentile interval need not contain the point: the bar is drawn from lo to hi regardless
+    ax.errorbar([point], [y], xerr=[[max(0.0, point - lo)], [max(0.0, hi - point)]], fmt="o", color=colour,
+                markersize=4, capsize=3, label=label)
+    if lo > point or hi < point:
+        ax.plot([lo, hi], [y, y], color=colour, linewidth=1.0)
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+def write_study_report(study_dir: str | os.PathLike, command: Optional[str] = None, reference: str = "aimmerging",
+                       B: int = 2000, seed: int = 0) -> dict:
+    """Build the report and write ``report.json``, ``report.md`` and ``report.png`` into the study
+    directory (each atomically); returns the report. UserError when no run is finished yet."""
+    study = Path(study_dir)
+    report = build_study_report(study, reference=reference, B=B, seed=seed)
+    atomic_write_json(study / "report.json", report)
+    atomic_write_text(study / "report.md", study_markdown(report, command))
+    plot_study(report, study / "report.png")
+    return report
