@@ -230,3 +230,19 @@ def test_reference_keys_are_real_options():
     from aimmerging.config import FIELDS
 
     assert set(REFERENCE) <= set(FIELDS)
+
+
+@pytest.mark.parametrize("model_name", ["tiny-causal", "tiny-seq2seq"])
+def test_two_pass_generation_gives_the_text_of_one_long_pass(model_name):
+    """Rows without EOS after the first pass go on from where they stopped: the same greedy text."""
+    cfg = build_config(overrides=dict(model=model_name, max_input_tokens=48, micro_batch_size=4, threads=1))
+    eng = build_engine(cfg, make_accelerator("no")).engine
+    torch.manual_seed(3)
+    with torch.no_grad():  # a random adapter, so the answers differ in length
+        for p in eng.params:
+            p.add_(torch.randn_like(p) * 0.5)
+    ex = [Example(f"g{i}", f"question {i} about {'x' * i}? Answer:", "a", "t") for i in range(7)]
+    one = generate_predictions(eng.peft_model, eng.formatter, ex, batch_size=4, max_new_tokens=12, progress=False)
+    two = generate_predictions(eng.peft_model, eng.formatter, ex, batch_size=4, max_new_tokens=12, progress=False,
+                               first_pass_tokens=3)
+    assert one == two and any(len(t) > 3 for t in one)

@@ -31,7 +31,7 @@ class ControllerConfig:
     flags and YAML keys, the ``controller replay`` flags and the ``task_start`` trace record.
     Defaults are the reference code's (all three benchmarks)."""
 
-    schedule: str = option("reference", "interval schedule: the reference code's, the paper's description, or an ablation's", SCHEDULES.choices())
+    schedule: str = option("reference", "interval schedule: the reference code's; 'paper': the reference's forgetting rule and weights with a trend rule from the paper's text whose constants (L_w, gamma, band) are our choice; or an ablation's", SCHEDULES.choices())
     initial_interval: int = option(8, "S0: first planned merge interval of every task (merge-fixed: the interval)")
     initial_outer_steps: int = option(8, "O0: replay steps per merge until the interval adapts")
     min_interval: int = option(2, "S_min")

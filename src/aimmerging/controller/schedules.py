@@ -127,9 +127,11 @@ class ReferenceSchedule(ForgettingSchedule):
 
 @SCHEDULES.register("paper")
 class PaperSchedule(ForgettingSchedule):
-    """The interval follows the *trend* of the learning signal over the last ``trend_window``
-    merges (least-squares slope relative to the mean): above ``balance_band`` -> S / gamma_minus,
-    below -balance_band -> S * gamma_plus, else unchanged."""
+    """Not the paper's schedule, but what its text describes, made concrete: the reference's
+    forgetting rule and weight table, with an interval that follows the *trend* of the learning
+    signal over the last ``trend_window`` merges (least-squares slope relative to the mean): above
+    ``balance_band`` -> S / gamma_minus, below -balance_band -> S * gamma_plus, else unchanged.
+    The paper gives no values: L_w = 3, gamma = 2 and band = 0.05 are this library's choice."""
 
     name = "paper"
 

@@ -26,10 +26,11 @@ def evaluate_tasks(model, formatter: Formatter, data: dict[str, TaskData], tasks
     out: dict[str, TaskEvaluation] = {}
     for task in tasks:
         d = data[task]
-        max_new = max_new_tokens or formatter.max_new_tokens(d.outputs)
+        needed = formatter.max_new_tokens(d.outputs)  # the longest training answer and EOS
+        max_new = max_new_tokens or needed
         preds = generate_predictions(model, formatter, d.test, batch_size=batch_size, max_new_tokens=max_new,
                                      accelerator=accelerator, desc=f"{label} eval {task}", progress=progress,
-                                     autocast_dtype=autocast_dtype)
+                                     autocast_dtype=autocast_dtype, first_pass_tokens=needed)
         scorer = SCORERS[d.metric]
         per = [scorer(p, e.output) for p, e in zip(preds, d.test)]
         rows = [{"id": e.id, "gold": e.output, "prediction": p, "score": s} for e, p, s in zip(d.test, preds, per)]

@@ -31,13 +31,19 @@ def half_precision_dtype(device) -> "torch.dtype":
 @torch.no_grad()
 def generate_predictions(model, formatter: Formatter, examples: Sequence[Example], *, batch_size: int,
                          max_new_tokens: int, accelerator=None, desc: str = "eval",
-                         progress: bool = True, autocast_dtype=None) -> list[str]:
+                         progress: bool = True, autocast_dtype=None, first_pass_tokens: int | None = None) -> list[str]:
     """One greedy prediction per example (stripped text), in the order of ``examples``.
 
     Under several processes whole batches are dealt out to the ranks and the predictions gathered,
     so every batch is exactly the batch one process would run: the scores do not depend on the
     number of processes. ``autocast_dtype``: generate under ``torch.autocast`` to that dtype (the
     weights keep theirs).
+
+    ``first_pass_tokens`` (< ``max_new_tokens``): each batch first generates that many tokens;
+    only its rows without EOS by then go on, as a smaller batch, from where they stopped, up to
+    ``max_new_tokens``. Greedy decoding makes that the same text as one long pass, and a batch no
+    longer runs every row to ``max_new_tokens`` for one answer that does not stop (the reference
+    protocol's 128 new tokens against answers of a few tokens).
     """
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
@@ -47,19 +53,22 @@ def generate_predictions(model, formatter: Formatter, examples: Sequence[Example
     was_training = model.training
     model.eval()
     gen_config = copy.deepcopy(model.generation_config)
-    gen_config.update(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                      eos_token_id=formatter.eos_id, pad_token_id=formatter.pad_id,
-                      temperature=None, top_p=None, top_k=None)
+    gen_config.update(do_sample=False, num_beams=1, use_cache=True, eos_token_id=formatter.eos_id,
+                      pad_token_id=formatter.pad_id, temperature=None, top_p=None, top_k=None)
+    first = first_pass_tokens if first_pass_tokens and first_pass_tokens < max_new_tokens else max_new_tokens
     results: list[tuple[int, str]] = []
     bar = tqdm(mine, desc=desc, unit="batch", leave=False, disable=not progress or rank != 0)
     for batch in bar:
-        inputs = formatter.collate_prompts([examples[i] for i in batch])
-        inputs = {k: v.to(device) for k, v in inputs.items()}
+        prompts = [formatter.eval_prompt_ids(examples[i].input) for i in batch]
         with _autocast(device, autocast_dtype):
-            out = model.generate(**inputs, generation_config=gen_config)
-        if formatter.kind == "causal":
-            out = out[:, inputs["input_ids"].shape[1]:]
-        texts = formatter.tokenizer.batch_decode(out, skip_special_tokens=True)
+            new = _generate(model, formatter, prompts, None, gen_config, first, device)
+            late = [r for r, ids in enumerate(new) if len(ids) == first and formatter.eos_id not in ids]
+            if late and first < max_new_tokens:
+                more = _generate(model, formatter, [prompts[r] for r in late], [new[r] for r in late], gen_config,
+                                 max_new_tokens - first, device)
+                for r, ids in zip(late, more):
+                    new[r] = new[r] + ids
+        texts = formatter.tokenizer.batch_decode(new, skip_special_tokens=True)
         results.extend((i, t.strip()) for i, t in zip(batch, texts))
     if was_training:
         model.train()
@@ -71,3 +80,34 @@ def generate_predictions(model, formatter: Formatter, examples: Sequence[Example
     for i, text in results:
         predictions[i] = text
     return predictions
+
+
+def _generate(model, formatter: Formatter, prompts: list[list[int]], prefixes: list[list[int]] | None,
+              gen_config, max_new_tokens: int, device) -> list[list[int]]:
+    """The new token ids of each row (up to ``max_new_tokens``; rows that stopped end with EOS and
+    padding), going on after ``prefixes`` (tokens already generated, all of one length) if given."""
+    config = copy.copy(gen_config)
+    config.max_new_tokens = max_new_tokens
+    if formatter.kind == "causal":
+        ids = [p + (prefixes[r] if prefixes else []) for r, p in enumerate(prompts)]
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), formatter.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for r, x in enumerate(ids):  # left padding: every row ends at the last position
+            input_ids[r, width - len(x):] = torch.tensor(x)
+            mask[r, width - len(x):] = 1
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        return [row.tolist() for row in out[:, width:]]
+    width = max(len(x) for x in prompts)
+    input_ids = torch.full((len(prompts), width), formatter.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, x in enumerate(prompts):
+        input_ids[r, : len(x)] = torch.tensor(x)
+        mask[r, : len(x)] = 1
+    kwargs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "generation_config": config}
+    start = model.generation_config.decoder_start_token_id
+    start = formatter.pad_id if start is None else start
+    decoder = [[start] + (prefixes[r] if prefixes else []) for r in range(len(prompts))]
+    kwargs["decoder_input_ids"] = torch.tensor(decoder, dtype=torch.long, device=device)
+    out = model.generate(**kwargs)
+    return [row.tolist() for row in out[:, len(decoder[0]):]]
