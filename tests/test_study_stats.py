@@ -280,3 +280,21 @@ def test_study_scale_is_fast():
     out = bootstrap_study(runs, {c: tasks for c in runs}, singles, reference="m0", B=2000)
     assert time.perf_counter() - start < 5
     assert len(out["differences"]) == 14 and out["methods"]["m3"]["fwt"]["cells"] == 3
+
+
+def test_merge_summary_counts_forgetting_intervals_and_probe_noise():
+    from aimmerging.trace import merge_summary
+
+    recs = [{"task": "a", "task_index": 0, "event": "step", "step": 1, "history_loss": None, "interval": 8}]
+    recs += [{"task": "b", "task_index": 1, "event": "step", "step": i, "history_loss": h, "interval": iv}
+             for i, (h, iv) in enumerate([(1.0, 8), (3.0, 8), (1.0, 4), (3.0, 16)], 1)]
+    recs += [{"task": "b", "task_index": 1, "event": "merge", "step": 2, "reason": "signal", "forgetting_count": 2, "outer_steps": 8},
+             {"task": "b", "task_index": 1, "event": "merge", "step": 4, "reason": "forced", "forgetting_count": 1, "outer_steps": 4},
+             {"task": "b", "task_index": 1, "event": "select_best", "step": 2, "val_loss": 0.5}]
+    s = merge_summary(recs)
+    assert s["merges"] == 2 and s["f_above_1"] == 1 and s["forgetting_counts"] == {"2": 1, "1": 1}
+    assert s["reasons"] == {"signal": 1, "forced": 1} and (s["interval_min"], s["interval_max"]) == (4, 16)
+    task = s["tasks"][0]
+    assert task["task"] == "b" and task["outer_steps"] == 12 and task["best_step"] == 2
+    assert s["history_cv_median"] == pytest.approx(np.std([1, 3, 1, 3], ddof=1) / 2)
+    assert merge_summary(recs[:1]) is None

@@ -181,3 +181,46 @@ def split_tasks(records: list[dict], label: str = "") -> list[TaskTrace]:
         elif event == "select_best":
             trace.best = rec
     return list(tasks.values())
+
+
+def merge_summary(records: list[dict]) -> Optional[dict]:
+    """What a merging run's trace says, over its tasks with merges (None when it has no merge):
+    merges per task and by reason, the forgetting counts F of the merges (how often F > 1), the
+    merge interval's path (first, last, min, max over the steps), the replay steps, the best
+    step kept by model selection, and the probe's noise (per task: the coefficient of variation of
+    the history loss over its steps, then the median over tasks)."""
+    tasks = [t for t in split_tasks(records) if t.merges]
+    if not tasks:
+        return None
+    counts: dict[str, int] = {}
+    reasons: dict[str, int] = {}
+    intervals: list[int] = []
+    per_task = []
+    cvs = []
+    for t in tasks:
+        f = [m.get("forgetting_count") for m in t.merges if _is_number(m.get("forgetting_count"))]
+        for x in f:
+            counts[str(int(x))] = counts.get(str(int(x)), 0) + 1
+        for m in t.merges:
+            reasons[str(m.get("reason"))] = reasons.get(str(m.get("reason")), 0) + 1
+        path = [int(s["interval"]) for s in t.steps if _is_number(s.get("interval"))]
+        intervals += path
+        history = [float(s["history_loss"]) for s in t.steps if _is_number(s.get("history_loss"))]
+        cv = None
+        if len(history) > 1:
+            mean = sum(history) / len(history)
+            sd = (sum((h - mean) ** 2 for h in history) / (len(history) - 1)) ** 0.5
+            cv = sd / mean if mean > 0 else None
+        if cv is not None:
+            cvs.append(cv)
+        per_task.append({"task": t.name, "merges": len(t.merges), "f_above_1": sum(x > 1 for x in f),
+                         "interval_first": path[0] if path else None, "interval_last": path[-1] if path else None,
+                         "interval_min": min(path) if path else None, "interval_max": max(path) if path else None,
+                         "outer_steps": sum(int(m.get("outer_steps") or 0) for m in t.merges),
+                         "best_step": (t.best or {}).get("step"), "history_cv": cv})
+    merges = sum(p["merges"] for p in per_task)
+    cvs.sort()
+    return {"tasks": per_task, "merges": merges, "reasons": reasons, "forgetting_counts": counts,
+            "f_above_1": sum(p["f_above_1"] for p in per_task),
+            "interval_min": min(intervals) if intervals else None, "interval_max": max(intervals) if intervals else None,
+            "history_cv_median": cvs[len(cvs) // 2] if cvs else None}

@@ -29,6 +29,7 @@ from ..errors import DataError, UserError
 from ..evaluation.bootstrap import METRICS, bootstrap_study
 from ..io import atomic_write_json, atomic_write_text, read_json, read_jsonl, read_yaml_mapping
 from ..runs.results import fmt_number
+from ..trace import merge_summary
 
 CELL_DIR = re.compile(r"^o(\d+)-s(\d+)$")
 SINGLE_DIR = re.compile(r"^single-s(\d+)$")
@@ -261,7 +262,25 @@ def build_study_report(study_dir: str | os.PathLike, reference: str = "aimmergin
     return {"study_dir": study["study_dir"], "reference": reference,
             "bootstrap": {"B": B, "seed": seed, "level": level, "design": design},
             "methods": methods, "differences": differences, "cells": cells,
-            "missing": study["missing"], "references": study["references"]}
+            "missing": study["missing"], "references": study["references"],
+            "traces": _traces(Path(study_dir), study)}
+
+
+def _traces(study: Path, collected: dict) -> dict:
+    """{cell: {method: {"merges": merge_summary or None, "selection": [best step or None, steps] per
+    task}}} of the complete runs: what the merge controller did and what model selection kept."""
+    out: dict = {}
+    for c, cell in collected["cells"].items():
+        for m in cell["runs"]:
+            run = study / c / m
+            try:
+                records = read_jsonl(run / "trace.jsonl") if (run / "trace.jsonl").is_file() else []
+                stages = read_json(run / "results.json").get("stages") or []
+            except (OSError, ValueError) as e:
+                raise StudyDataError(f"{run}: unreadable trace or results ({e})") from None
+            out.setdefault(c, {})[m] = {"merges": merge_summary(records),
+                                        "selection": [[s.get("best_step"), s.get("steps")] for s in stages]}
+    return out
 
 
 def _with_ci(s: dict, signed: bool = False) -> str:
@@ -321,6 +340,7 @@ def study_markdown(report: dict, command: Optional[str] = None) -> str:
             p = cells[c]["methods"].get(m)
             entries.append("-" if p is None else f"{fmt_number(p['op'])} / {fmt_number(p['bwt'], True)}")
         out.append(f"| {m} | " + " | ".join(entries) + " |")
+    out += _trace_markdown(report)
     out += ["", "## Not finished yet", ""]
     notes = [f"- {x['cell']}: {x['method']} ({x['status']})" for x in report["missing"]]
     # a cell without FWT although its reference is complete (a missing reference is listed above)
@@ -328,6 +348,40 @@ def study_markdown(report: dict, command: Optional[str] = None) -> str:
               if cell["fwt_note"] and report["references"][str(cell["seed"])]["status"] == "complete"]
     out += notes or ["Every run of every cell is complete."]
     return "\n".join(out) + "\n"
+
+
+def _trace_markdown(report: dict) -> list[str]:
+    traces = report.get("traces") or {}
+    out = ["", "## What the traces show", "",
+           "Merging methods, per cell: merges (by reason), how many had a forgetting count F > 1 and the counts "
+           "seen, the merge interval's range over the steps, the replay steps, and the probe's noise (median "
+           "over tasks of the history loss's coefficient of variation).", "",
+           "| method | cell | merges (reasons) | F > 1 | F counts | interval min..max | replay steps | probe CV |",
+           "|---|---|---|---|---|---|---|---|"]
+    rows = 0
+    for c, methods in traces.items():
+        for m, t in methods.items():
+            s = t.get("merges")
+            if not s:
+                continue
+            rows += 1
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["reasons"].items()))
+            fcounts = ", ".join(f"F={k}: {v}" for k, v in sorted(s["forgetting_counts"].items(), key=lambda kv: int(kv[0])))
+            replay = sum(x["outer_steps"] for x in s["tasks"])
+            cv = "-" if s["history_cv_median"] is None else f"{s['history_cv_median']:.2f}"
+            out.append(f"| {m} | {c} | {s['merges']} ({reasons}) | {s['f_above_1']} | {fcounts or '-'} | "
+                       f"{s['interval_min']}..{s['interval_max']} | {replay} | {cv} |")
+    if not rows:
+        out.append("| - | - | no merge recorded | | | | | |")
+    kept = [(m, best, steps) for methods in traces.values() for m, t in methods.items()
+            for best, steps in t.get("selection") or [] if steps]
+    chosen = [(m, b, n) for m, b, n in kept if b is not None]
+    if chosen:
+        earlier = sum(b < n for _, b, n in chosen)
+        out += ["", f"Model selection kept an adapter from before the last step in {earlier} of {len(chosen)} "
+                "stages with a selection (the reference protocol validates every 40 steps; later steps of a task "
+                "are never candidates)."]
+    return out
 
 
 # -- the plot --------------------------------------------------------------------------------------
