@@ -181,3 +181,16 @@ def test_reference_protocol_bench_gives_single_twice_the_batch(tmp_path):
     assert (single["batch_size"], single["micro_batch_size"], single["max_steps"]) == (8, 4, 2)
     assert single["validation"] == "train-holdout" and single["select_best_every"] == 40
     assert not shares_first_stage("single", bench["run"]) and shares_first_stage("aimmerging", bench["run"])
+
+
+@pytest.mark.parametrize("name", ["standard-cl", "standard-cl-study", "long-sequence-small"])
+def test_shipped_benchmark_configs_resolve_under_the_reference_protocol(name):
+    from pathlib import Path
+
+    from aimmerging.bench.runner import load_bench_config
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.yaml"
+    for quick in (False, True):
+        bench = load_bench_config(path, quick, {})
+        cfg = build_config({**bench["run"], "method": "aimmerging"})
+        assert cfg.protocol == "reference" and cfg.select_best_every == 40 and cfg.max_new_tokens == 128
