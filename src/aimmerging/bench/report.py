@@ -102,7 +102,7 @@ def bench_markdown(report: dict, command: str) -> str:
             f"aimmerging / replay = {fmt_number(r['aimmerging/replay'], digits=2)}.", ""]
     tp = report["throughput"]
     out += ["## Throughput of the training step", "",
-            f"Peak fp32 rate: {tp['peak_gflops']:.1f} GFLOP/s, the best of 2048 x 2048 matmuls timed in the same "
+            f"Peak {tp.get('precision_of_runs', 'fp32')} rate (the runs' precision): {tp['peak_gflops']:.1f} GFLOP/s, the best of 2048 x 2048 matmuls timed in the same "
             f"process before and after the study ({', '.join(f'{x:.1f}' for x in tp['peak_measurements_gflops'])}; "
             f"{tp['threads']} threads). "
             f"FLOPs counted with `torch.utils.flop_counter.FlopCounterMode`; {tp['flops_per_token'] / 1e9:.3f} GFLOP "
@@ -118,6 +118,19 @@ def bench_markdown(report: dict, command: str) -> str:
         out += ["", f"Where the time of the runs' step goes (`torch.profiler`, {b['steps']} steps): {shares}. "
                 f"The matmuls alone run at {fmt_number(b['matmul_gflops'], digits=1)} GFLOP/s "
                 f"({fmt_number(b['matmul_fraction_of_peak'] and 100 * b['matmul_fraction_of_peak'], digits=0)}% of peak)."]
+    pr = tp.get("precision")
+    if pr:
+        out += ["", f"fp32 against bf16 autocast on identical work, alternating ({pr['rounds']} rounds, best of each; "
+                f"{pr['steps']} training steps, as many probe passes of {pr['memory_batch']} memory examples, one "
+                f"generation of {pr['generate_batch']} prompts x {pr['new_tokens']} tokens):", "",
+                "| precision | s / step | tokens/s | % of its own matmul peak (GFLOP/s) | probe s | generated tokens/s |",
+                "|---|---|---|---|---|---|"]
+        for name, row in pr["rows"].items():
+            out.append(f"| {name} | {row['step_s']:.2f} | {row['tokens_per_s']:.0f} | {100 * row['fraction_of_peak']:.0f}% "
+                       f"({row['peak_gflops']:.0f}) | {row['probe_s']:.2f} | {row['generated_tokens_per_s']:.1f} |")
+        sp = pr["speedup"]
+        out += ["", f"bf16 speed-up: training step x{sp['step_s']:.2f}, probe x{sp['probe_s']:.2f}, "
+                f"generation x{sp['generate_s']:.2f}."]
     return "\n".join(out) + "\n"
 
 

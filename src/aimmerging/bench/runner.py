@@ -40,6 +40,7 @@ from ..errors import ConfigError, UserError
 from ..io import atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
 from ..methods import builtin_names, resolve_method
 from ..protocol import single_overrides
+from ..runs.process import bf16_pays
 from ..runs.rundir import RunDirectory
 from .report import bench_markdown, build_report, plot_report
 
@@ -83,6 +84,8 @@ def load_bench_config(path: str | Path, quick: bool, overrides: dict[str, Any], 
             raise ConfigError(f"{path}: methods: '{m}' is not compared by the bench (it runs 'single' itself); "
                               f"choose from {', '.join(known)} or your own methods")
     run = {**raw["run"], **(raw.get("quick") or {} if quick else {}), **overrides}
+    if run.get("mixed_precision") == "auto":  # bf16 autocast where it pays (BENCHMARKS.md), else fp32
+        run["mixed_precision"] = "bf16" if bf16_pays() else "no"
     for key in ("method", "output_dir", "fwt_reference"):
         run.pop(key, None)
     name = raw.get("name", Path(path).stem) + (" (quick)" if quick else "")

@@ -21,6 +21,7 @@ the steps, as the benchmark asks).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from typing import Sequence
@@ -28,6 +29,7 @@ from typing import Sequence
 import torch
 
 from ..data.olora import Example
+from ..runs.process import bf16_pays
 
 
 def matmul_peak(n: int = 2048, repeats: int = 6, dtype: torch.dtype = torch.float32) -> float:
@@ -197,12 +199,6 @@ def time_breakdown(engine, cfg, examples: Sequence[Example], steps: int = 2) -> 
             "matmul_gflops": matmul_gflops}
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 matmul instructions (AVX512-BF16 or AMX): bf16 autocast pays."""
-    cpu = getattr(torch, "cpu", None)
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
 def precision_study(engine, cfg, examples: Sequence[Example], steps: int = 3, rounds: int = 3,
                     memory_batch: int | None = None, generate_batch: int = 20, new_tokens: int = 8) -> dict:
     """fp32 against bf16 autocast (LoRA weights, gradients and optimizer stay fp32) on identical
@@ -255,7 +251,7 @@ def precision_study(engine, cfg, examples: Sequence[Example], steps: int = 3, ro
                       "peak_gflops": peaks[name], "fraction_of_peak": gflops / peaks[name],
                       "generated_tokens_per_s": generate_batch * new_tokens / b["generate_s"]}
     return {"steps": steps, "rounds": rounds, "memory_batch": len(probe), "generate_batch": len(prompts),
-            "new_tokens": new_tokens, "bf16_instructions": cpu_has_bf16(), "rows": rows,
+            "new_tokens": new_tokens, "bf16_instructions": bf16_pays(), "rows": rows,
             "speedup": {k: rows["fp32"][k] / rows["bf16"][k] for k in ("step_s", "probe_s", "generate_s")}}
 
 
@@ -277,19 +273,25 @@ def main(argv: list[str]) -> int:
     setup_logging(verbose=False)
     cfg = build_config(load_yaml(argv[0]))
     steps = int(argv[2]) if len(argv) > 2 else 3
-    runner = Runner(cfg)
-    engine = build_engine(cfg, runner.accelerator,
+    # the engine runs without autocast; the runs' precision is applied around the lever study, so
+    # that the precision study can time fp32 and bf16 on the same engine
+    bf16 = cfg.mixed_precision == "bf16"
+    runner = Runner(dataclasses.replace(cfg, mixed_precision="no"))
+    engine = build_engine(runner.cfg, runner.accelerator,
                           rank_multiplier=runner.method.adapter_rank_multiplier(len(runner.tasks))).engine
     examples = runner.data[runner.tasks[0]].train
-    peak = matmul_peak()
-    study = lever_study(engine, cfg, examples, steps=steps, peak=peak)
-    study["flops_per_token"] = flops_per_token(engine, cfg, examples)
-    study["breakdown"] = time_breakdown(engine, cfg, examples)
-    if engine.accelerator.device.type == "cpu" and cfg.mixed_precision == "no" and cpu_has_bf16():
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    peak = matmul_peak(dtype=dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        study = lever_study(engine, cfg, examples, steps=steps, peak=peak)
+        study["flops_per_token"] = flops_per_token(engine, cfg, examples)
+        study["breakdown"] = time_breakdown(engine, cfg, examples)
+    study["precision_of_runs"] = "bf16" if bf16 else "fp32"
+    if engine.accelerator.device.type == "cpu" and bf16_pays():
         study["precision"] = precision_study(engine, cfg, examples, steps=steps)
-    # the peak is what the machine can do: the best of the measurements before and after the
-    # study (anything else running at the time can only lower a measurement)
-    study["peak_measurements_gflops"] = [peak, matmul_peak()]
+    # the peak (in the runs' precision) is what the machine can do: the best of the measurements
+    # before and after the study (anything else running at the time can only lower a measurement)
+    study["peak_measurements_gflops"] = [peak, matmul_peak(dtype=dtype)]
     peak = study["peak_gflops"] = max(study["peak_measurements_gflops"])
     for row in study["rows"]:
         row["fraction_of_peak"] = row["gflops"] / peak

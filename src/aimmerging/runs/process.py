@@ -68,6 +68,17 @@ def check_data_parallel(accelerator) -> None:
                           "launch with e.g. `accelerate launch --config_file configs/accelerate/ddp.yaml -m aimmerging run ...`")
 
 
+def bf16_pays() -> bool:
+    """Whether bf16 autocast speeds training up here: a CUDA device that supports bf16, or (no
+    CUDA) a CPU with bf16 matmul instructions (AVX512-BF16 or AMX; elsewhere bf16 is emulated)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    cpu = getattr(torch, "cpu", None)
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def make_accelerator(mixed_precision: str = "no"):
     """The run's Accelerator: DDP on several processes (gloo on CPU), one process otherwise."""
     from accelerate import Accelerator
