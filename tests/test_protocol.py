@@ -139,10 +139,20 @@ def test_batch_mean_loss_is_hf_trainers_eval_loss(engine):
     assert abs(token_mean - hf) > 1e-4  # the answers differ in length: the two losses differ
 
 
-def test_probe_in_one_pass_has_the_same_loss(engine):
-    ex = [Example(f"m{i}", f"memory {i}? Answer:", "y" * (1 + i), "t") for i in range(6)]
-    assert engine.mean_loss(ex, train_mode=False, chunk=6) == pytest.approx(
-        engine.mean_loss(ex, train_mode=False, chunk=2), rel=1e-5)
+def test_probe_in_passes_of_similar_lengths_has_the_same_loss(engine):
+    """The probe's memory batch goes in micro-batches sorted by length (less padding): the loss of
+    any chunking and order is the same token-weighted mean."""
+    from types import SimpleNamespace
+
+    from aimmerging.training.loop import StageView
+
+    ex = [Example(f"m{i}", f"memory {i} {'z' * (7 * (i % 3))}? Answer:", "y" * (1 + i), "t") for i in range(6)]
+    cfg = SimpleNamespace(micro_batch_size=2, memory_batch_size=6, seed=0, grad_accum=1)
+    stage = SimpleNamespace(index=0, name="t", train_tasks=["t"])
+    view = StageView(engine, cfg, stage, memory=None, max_steps=1, optimizer=None, timers=None, emit=None)
+    reference = engine.mean_loss(ex, train_mode=False, chunk=6)
+    assert view.mean_loss(ex, train_mode=False) == pytest.approx(reference, rel=1e-5)
+    assert engine.mean_loss(ex, train_mode=False, chunk=2) == pytest.approx(reference, rel=1e-5)
 
 
 def test_generation_runs_to_the_requested_length_under_half_precision(engine):

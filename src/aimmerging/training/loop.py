@@ -111,7 +111,7 @@ class StageView:
         self.memory = memory
         self.optimizer = optimizer
         self._engine = engine
-        self._no_grad_chunk = max(cfg.micro_batch_size, cfg.memory_batch_size)
+        self._micro = cfg.micro_batch_size
         self._timers = timers
         self._emit = emit
         self._rngs: dict[str, random.Random] = {}
@@ -122,8 +122,12 @@ class StageView:
         return self._rngs[name]
 
     def mean_loss(self, examples: Sequence[Example], train_mode: bool) -> float:
-        # without gradients a pass holds no graph: a memory batch (the probe's) goes in one pass
-        return self._engine.mean_loss(examples, train_mode=train_mode, chunk=self._no_grad_chunk)
+        # a batch larger than a micro-batch (the probe's memory batch) is passed in micro-batches of
+        # similar lengths: less padding, the same loss (measured against one pass and random
+        # micro-batches in BENCHMARKS.md)
+        if len(examples) > self._micro:
+            examples = sorted(examples, key=self._engine.formatter.length)
+        return self._engine.mean_loss(examples, train_mode=train_mode)
 
     def update(self, examples: Sequence[Example], optimizer, loss_scale: float) -> Optional[float]:
         return self._engine.replay_step(examples, optimizer, loss_scale)
