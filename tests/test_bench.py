@@ -194,3 +194,14 @@ def test_shipped_benchmark_configs_resolve_under_the_reference_protocol(name):
         bench = load_bench_config(path, quick, {})
         cfg = build_config({**bench["run"], "method": "aimmerging"})
         assert cfg.protocol == "reference" and cfg.select_best_every == 40 and cfg.max_new_tokens == 128
+
+
+def test_study_cli_errors_are_one_line(tmp_path, capsys):
+    from aimmerging.cli.main import main
+
+    assert main(["bench", "report", "--output-dir", str(tmp_path)]) == 2
+    assert main(["bench", "--orders", "1,x", "--output-dir", str(tmp_path)]) == 2
+    assert main(["bench", "--seeds", "1", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("aimmerging: error: ") for line in err)
+    assert "no finished run yet" in err[0] and "--orders" in err[1] and "--seeds" in err[2]
