@@ -308,7 +308,7 @@ def study_markdown(report: dict, command: Optional[str] = None) -> str:
     ref, boot = report["reference"], report["bootstrap"]
     pct = f"{100 * boot['level']:g} %"
     cells = report["cells"]
-    out = [f"# Study {Path(report['study_dir']).name}", ""]
+    out = [f"# Study report: `{report['study_dir']}`", ""]
     if command:
         out += [f"Command: `{command}`", ""]
     out += [f"{len(cells)} cells (order, seed): {', '.join(cells)}. Each figure is the mean over the cells where the "
