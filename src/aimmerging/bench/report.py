@@ -123,11 +123,11 @@ def bench_markdown(report: dict, command: str) -> str:
         out += ["", f"fp32 against bf16 autocast on identical work, alternating ({pr['rounds']} rounds, best of each; "
                 f"{pr['steps']} training steps, as many probe passes of {pr['memory_batch']} memory examples, one "
                 f"generation of {pr['generate_batch']} prompts x {pr['new_tokens']} tokens):", "",
-                "| precision | s / step | tokens/s | % of its own matmul peak (GFLOP/s) | probe s | generated tokens/s |",
+                "| precision | s / step | tokens/s | % of its own matmul peak (GFLOP/s) | probe s | generation s |",
                 "|---|---|---|---|---|---|"]
         for name, row in pr["rows"].items():
             out.append(f"| {name} | {row['step_s']:.2f} | {row['tokens_per_s']:.0f} | {100 * row['fraction_of_peak']:.0f}% "
-                       f"({row['peak_gflops']:.0f}) | {row['probe_s']:.2f} | {row['generated_tokens_per_s']:.1f} |")
+                       f"({row['peak_gflops']:.0f}) | {row['probe_s']:.2f} | {row['generate_s']:.2f} |")
         sp = pr["speedup"]
         out += ["", f"bf16 speed-up: training step x{sp['step_s']:.2f}, probe x{sp['probe_s']:.2f}, "
                 f"generation x{sp['generate_s']:.2f}."]

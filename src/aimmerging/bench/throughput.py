@@ -21,6 +21,7 @@ the steps, as the benchmark asks).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 import time
@@ -216,7 +217,8 @@ def precision_study(engine, cfg, examples: Sequence[Example], steps: int = 3, ro
     optimizer = torch.optim.AdamW(engine.params, lr=1e-7)
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     model = engine.peft_model
-    eos = model.generation_config.eos_token_id
+    no_eos = copy.copy(engine.formatter)  # generation ignores EOS: every row generates new_tokens tokens
+    no_eos.eos_id = None
     precisions = {"fp32": None, "bf16": torch.bfloat16}
     best: dict[str, dict[str, float]] = {k: {} for k in precisions}
 
@@ -227,17 +229,11 @@ def precision_study(engine, cfg, examples: Sequence[Example], steps: int = 3, ro
 
     for round_ in range(rounds + 1):  # round 0 warms both up
         for name, dtype in precisions.items():
-            ctx = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else (lambda: torch.autocast("cpu", enabled=False))
-            with ctx():
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 step = timed(lambda: [engine.inner_step(b, optimizer, sched) for b in batches[1:]]) / steps
                 passes = timed(lambda: [engine.mean_loss(probe, train_mode=True, chunk=len(probe)) for _ in range(steps)]) / steps
-            model.generation_config.eos_token_id = None  # every row generates new_tokens tokens
-            try:
-                gen = timed(lambda: generate_predictions(model, engine.formatter, prompts, batch_size=generate_batch,
-                                                         max_new_tokens=new_tokens, progress=False,
-                                                         autocast_dtype=dtype))
-            finally:
-                model.generation_config.eos_token_id = eos
+            gen = timed(lambda: generate_predictions(model, no_eos, prompts, batch_size=generate_batch,
+                                                     max_new_tokens=new_tokens, progress=False, autocast_dtype=dtype))
             if round_ == 0:
                 continue
             for key, value in (("step_s", step), ("probe_s", passes), ("generate_s", gen)):

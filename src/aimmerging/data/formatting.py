@@ -178,7 +178,10 @@ class Formatter:
 
     def collate_prompts(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         """A padded batch of prompts for generation (left padding for causal models)."""
-        prompts = [self.eval_prompt_ids(e.input) for e in examples]
+        return self.collate_prompt_ids([self.eval_prompt_ids(e.input) for e in examples])
+
+    def collate_prompt_ids(self, prompts: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Token-id prompts padded into a batch (left padding for causal models)."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)

@@ -89,25 +89,14 @@ def _generate(model, formatter: Formatter, prompts: list[list[int]], prefixes: l
     config = copy.copy(gen_config)
     config.max_new_tokens = max_new_tokens
     if formatter.kind == "causal":
-        ids = [p + (prefixes[r] if prefixes else []) for r, p in enumerate(prompts)]
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), formatter.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for r, x in enumerate(ids):  # left padding: every row ends at the last position
-            input_ids[r, width - len(x):] = torch.tensor(x)
-            mask[r, width - len(x):] = 1
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        batch = formatter.collate_prompt_ids([p + (prefixes[r] if prefixes else []) for r, p in enumerate(prompts)])
+        width = batch["input_ids"].shape[1]
+        out = model.generate(**{k: v.to(device) for k, v in batch.items()}, generation_config=config)
         return [row.tolist() for row in out[:, width:]]
-    width = max(len(x) for x in prompts)
-    input_ids = torch.full((len(prompts), width), formatter.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, x in enumerate(prompts):
-        input_ids[r, : len(x)] = torch.tensor(x)
-        mask[r, : len(x)] = 1
-    kwargs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "generation_config": config}
+    batch = {k: v.to(device) for k, v in formatter.collate_prompt_ids(prompts).items()}
     start = model.generation_config.decoder_start_token_id
     start = formatter.pad_id if start is None else start
     decoder = [[start] + (prefixes[r] if prefixes else []) for r in range(len(prompts))]
-    kwargs["decoder_input_ids"] = torch.tensor(decoder, dtype=torch.long, device=device)
-    out = model.generate(**kwargs)
+    out = model.generate(**batch, decoder_input_ids=torch.tensor(decoder, dtype=torch.long, device=device),
+                         generation_config=config)
     return [row.tolist() for row in out[:, len(decoder[0]):]]
