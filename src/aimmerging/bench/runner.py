@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import build_config, load_yaml
+from ..config import NON_RESULT_FIELDS, build_config, load_yaml
 from ..data.benchmarks import resolve_tasks
 from ..errors import ConfigError, UserError
 from ..io import atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
@@ -132,7 +132,8 @@ def _share_stages(src: Path, method_cfg: dict, method_dir: Path, count: int = 1)
     """Copy the finished stages 0 .. count-1 of the run in ``src`` into the run directory of
     ``method_cfg`` (created if needed) where it lacks them; the caller knows they compute the same.
     Returns how many were copied."""
-    if (method_dir / "config.yaml").is_file() and load_yaml(method_dir / "config.yaml") != method_cfg:
+    if (method_dir / "config.yaml").is_file() and \
+            _computed(load_yaml(method_dir / "config.yaml")) != _computed(method_cfg):
         return 0  # a different run lives there; the run itself decides what to do with it
     copied = 0
     for index in range(count):
@@ -162,13 +163,13 @@ def _shared_prefix(method: str, cfg: dict, out: Path, siblings: list[Path]) -> N
     tasks = _tasks(cfg)
     if tasks is None:
         return
-    mine = {k: v for k, v in cfg.items() if k not in _CELL_KEYS}
+    mine = _computed(cfg, _CELL_KEYS)
     for other in siblings:
         src = other / method
         if src.resolve() == (out / method).resolve() or not (src / "config.yaml").is_file():
             continue
         theirs = load_yaml(src / "config.yaml")
-        if {k: v for k, v in theirs.items() if k not in _CELL_KEYS} != mine:
+        if _computed(theirs, _CELL_KEYS) != mine:
             continue
         other_tasks = _tasks(theirs)
         if other_tasks is None:
@@ -178,6 +179,13 @@ def _shared_prefix(method: str, cfg: dict, out: Path, siblings: list[Path]) -> N
             k += 1
         if k and _share_stages(src, cfg, out / method, k):
             log.info("bench: %s shares its first %d stage(s) with %s", method, k, src)
+
+
+def _computed(cfg: dict, also: frozenset | set = frozenset()) -> dict:
+    """The options of a run config that decide what it computes: not where it writes, whether it
+    shows progress (the bench's --no-progress reaches the worker as a flag, after the config is
+    written) and the like, nor the keys in ``also``."""
+    return {k: v for k, v in cfg.items() if k not in NON_RESULT_FIELDS and k not in also}
 
 
 def _tasks(cfg: dict) -> list[str] | None:
