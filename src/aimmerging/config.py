@@ -175,14 +175,20 @@ class RunConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The options that decide what a run computes (a resumed run must match them), with
         paths normalised (``data/`` and ``data`` are the same directory)."""
-        out = {k: v for k, v in self.to_dict().items() if k not in NON_RESULT_FIELDS}
-        for key in ("data_dir", "data"):
-            if out.get(key):
-                out[key] = os.path.normpath(out[key])
-        return out
+        return result_options(self.to_dict())
 
     def fingerprint_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def result_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options of a run config (a dict, e.g. a saved config.yaml) that decide what it computes,
+    with paths normalised: what a resumed run, or a stage copied from another run, must match."""
+    out = {k: v for k, v in options.items() if k not in NON_RESULT_FIELDS}
+    for key in ("data_dir", "data"):
+        if out.get(key):
+            out[key] = os.path.normpath(out[key])
+    return out
 
 
 def _plain(v: Any) -> Any:

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import NON_RESULT_FIELDS, build_config, load_yaml
+from ..config import build_config, load_yaml, result_options
 from ..data.benchmarks import resolve_tasks
 from ..errors import ConfigError, UserError
 from ..io import atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
@@ -182,10 +182,10 @@ def _shared_prefix(method: str, cfg: dict, out: Path, siblings: list[Path]) -> N
 
 
 def _computed(cfg: dict, also: frozenset | set = frozenset()) -> dict:
-    """The options of a run config that decide what it computes: not where it writes, whether it
-    shows progress (the bench's --no-progress reaches the worker as a flag, after the config is
-    written) and the like, nor the keys in ``also``."""
-    return {k: v for k, v in cfg.items() if k not in NON_RESULT_FIELDS and k not in also}
+    """What a run config computes (``config.result_options``: not where it writes, nor whether it
+    shows progress, which the bench's --no-progress gives the worker as a flag), less the keys in
+    ``also``."""
+    return {k: v for k, v in result_options(cfg).items() if k not in also}
 
 
 def _tasks(cfg: dict) -> list[str] | None:
