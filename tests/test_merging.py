@@ -103,6 +103,23 @@ def test_ablations_merge_without_probing(tmp_path, data_dir, method, capsys):
     assert [(d["task"], d["step"]) for d in replayed] == [(m["task"], m["step"]) for m in merges]
 
 
+def test_merge_end_replay_phase_learns(tmp_path, data_dir):
+    """merge-end's replay phase runs at the task end, where the task's linear schedule has reached
+    LR 0: on the task's optimizer (``--outer-optimizer inner``) it changes nothing, so merge-end's
+    default is the separate replay optimizer, whose phase does move the adapter."""
+    from aimmerging.config import build_config
+
+    assert build_config(overrides={"method": "merge-end"}).settings.outer_optimizer == "separate"
+    assert build_config(overrides={"method": "aimmerging"}).settings.outer_optimizer == "inner"
+    adapters = {}
+    for optimizer in ("separate", "inner"):
+        out = tmp_path / optimizer
+        assert main(tiny_args(out, data_dir, method="merge-end", steps=8, outer_optimizer=optimizer)) == 0
+        [path] = sorted(out.glob("stages/01-*/adapter/*.safetensors"))
+        adapters[optimizer] = load_file(path)
+    assert any(not torch.equal(adapters["separate"][k], adapters["inner"][k]) for k in adapters["inner"])
+
+
 def test_non_finite_values_never_corrupt_the_adapter(tmp_path, data_dir, monkeypatch):
     """A NaN probe is recorded and skipped; a NaN adapter falls back to the anchor; NaN replay
     steps are skipped; the run finishes with a finite adapter."""

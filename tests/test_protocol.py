@@ -191,6 +191,30 @@ def test_reference_run_selects_the_best_checkpoint_and_scores_it(tmp_path, data_
     assert cfg["truncate_eval_prompts"] is False
 
 
+def test_task_end_merge_acts_on_the_selected_adapter(tmp_path, data_dir):
+    """merge-end under model selection: the checkpoint is restored first and the end-of-task merge
+    is applied to it (it used to run before the restore, which threw it away and made merge-end
+    compute exactly what seq computes). The last step (5) is never a candidate here."""
+    from safetensors.torch import load_file
+
+    from aimmerging.cli.main import main
+    from aimmerging.io import read_jsonl
+
+    adapters = {}
+    for method in ("seq", "merge-end"):
+        out = tmp_path / method
+        assert main(tiny_args(out, data_dir, method=method, steps=5, protocol="reference", select_best_every=2,
+                              max_input_tokens=64, max_new_tokens=4, lr=0.05)) == 0
+        [path] = sorted(out.glob("stages/01-*/adapter/*.safetensors"))
+        adapters[method] = load_file(path)
+        if method == "merge-end":
+            events = [r["event"] for r in read_jsonl(out / "trace.jsonl")
+                      if r.get("task_index") == 1 and r["event"] in ("select_best", "merge")]
+            assert events == ["select_best", "merge"]
+    assert adapters["seq"].keys() == adapters["merge-end"].keys()
+    assert any(not torch.equal(adapters["seq"][k], adapters["merge-end"][k]) for k in adapters["seq"])
+
+
 def test_single_under_the_reference_protocol_validates_on_its_holdout(tmp_path, data_dir):
     from aimmerging.cli.main import main
     from aimmerging.io import read_jsonl

@@ -189,11 +189,26 @@ class MergeFixed(Merging):
     forced_schedule = "fixed"
 
 
+@dataclass
+class MergeEndSettings(MergingSettings):
+    """``merge-end``'s settings: those of AIMMerging, with the separate replay optimizer by default."""
+
+    outer_optimizer: str = option("separate", "replay steps use the task's optimizer at its current LR (reference; "
+                                  "0 at a task's end, hence merge-end's default 'separate') or a separate AdamW",
+                                  ("inner", "separate"))
+
+
 @register_method
 class MergeEnd(Merging):
-    """``merge-end``: one replay phase and one fusion at the end of each task."""
+    """``merge-end``: one replay phase and one fusion at the end of each task.
+
+    Its replay phase runs on the separate AdamW (``--outer-lr``, warm-up of 50 steps) by default:
+    with the task's own optimizer at its current LR, as AIMMerging's merges do, the phase would run
+    at the end of the linear schedule, LR 0, and change nothing (the merge would only keep
+    ``w_in`` of the task's update)."""
 
     name = "merge-end"
     paper = "merge once at the task end (AIMMerging ablation)"
     summary = "ablation: one replay phase and one fusion at the end of each task"
+    Settings = MergeEndSettings
     forced_schedule = "end"

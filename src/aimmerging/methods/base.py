@@ -10,7 +10,9 @@ or all tasks at once for a ``joint`` method):
   mixing), ``extra_loss(view, inputs)`` for every micro-batch's forward pass (regularisers,
   distillation, orthogonality terms), then after the update ``after_step(view, record)``
   (probes, merges; may fill the step's trace record and return extra records);
-* ``after_task(view)`` once after the last step (may return trace records), then
+* ``after_task(view)`` once after the last step and, under model selection
+  (``--select-best-every``), after the selected checkpoint is restored, so that a task-end merge
+  acts on the adapter that is scored (may return trace records), then
   ``task_end_adapter(view)``, which may return new adapter values (task-arithmetic style merges):
   those are evaluated, saved and carried on to the next task.
 
@@ -120,7 +122,8 @@ class Method:
         return None
 
     def after_task(self, view: TrainingView) -> list[dict] | None:
-        """Called once after the last step of a stage; may return trace records."""
+        """Called once after the last step of a stage (and after model selection restored the
+        selected checkpoint); may return trace records."""
         return None
 
     def task_end_adapter(self, view: TrainingView) -> Optional[list[torch.Tensor]]:
