@@ -37,6 +37,10 @@ from . import register_method
 from .base import Method
 
 OUTER_WARMUP_STEPS, OUTER_SCHEDULE_STEPS = 50, 200  # the separate replay optimizer's linear schedule
+OUTER_OPTIMIZERS = ("inner", "separate")
+OUTER_OPTIMIZER_HELP = ("replay steps use the task's optimizer at its current LR (reference) or a separate AdamW; "
+                        "merge-end's default is 'separate' (its replay phase comes at the task end, where the task's "
+                        "LR has reached 0)")
 
 
 @dataclass
@@ -44,7 +48,7 @@ class MergingSettings(ControllerConfig):
     """The controller's settings plus how the probe, the replay steps and the fusion run."""
 
     probe_mode: str = option("train", "forgetting probe: 'train' (reference: dropout on, loss / accumulation) or 'eval'", ("train", "eval"))
-    outer_optimizer: str = option("inner", "replay steps use the task's optimizer at its current LR (reference) or a separate AdamW", ("inner", "separate"))
+    outer_optimizer: str = option("inner", OUTER_OPTIMIZER_HELP, OUTER_OPTIMIZERS)
     outer_lr: float = option(1e-3, "learning rate of the separate replay optimizer (--outer-optimizer separate)")
     fusion: str = option("weighted-sum", "fusion rule of a merge", FUSION_RULES.choices())
 
@@ -193,9 +197,7 @@ class MergeFixed(Merging):
 class MergeEndSettings(MergingSettings):
     """``merge-end``'s settings: those of AIMMerging, with the separate replay optimizer by default."""
 
-    outer_optimizer: str = option("separate", "replay steps use the task's optimizer at its current LR (reference; "
-                                  "0 at a task's end, hence merge-end's default 'separate') or a separate AdamW",
-                                  ("inner", "separate"))
+    outer_optimizer: str = option("separate", OUTER_OPTIMIZER_HELP, OUTER_OPTIMIZERS)
 
 
 @register_method

@@ -208,8 +208,10 @@ def train_stage(engine: Engine, cfg: TrainSettings, stage: Stage, train: list[Ex
             emit(r)
         if stats["train_loss"] is not None:
             bar.set_postfix(loss=f"{stats['train_loss']:.3f}", merges=merges, refresh=False)
-    if best["params"] is not None:  # before the task-end hooks: a task-end merge (merge-end) acts on the
-        restore(engine.params, best["params"])  # selected adapter, rather than being thrown away by the selection
+    # the selection comes before the task-end hooks, so that a task-end merge (merge-end) acts on
+    # the selected adapter rather than being thrown away by the restore
+    if best["params"] is not None:
+        restore(engine.params, best["params"])
         emit({"event": "select_best", "step": best["step"], "val_loss": best["loss"]})
     for r in method.after_task(view) or []:
         emit(r)
