@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "long_sequence"
 TASKS = "dbpedia,amazon,agnews"
+
+
+def stage_adapters(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The adapter every finished stage of a run directory saved, by stage folder (``01-amazon``)."""
+    return {d.name: load_file(str(d / "adapter" / "adapter_model.safetensors"))
+            for d in sorted((run / "stages").iterdir()) if (d / "adapter").is_dir()}
 
 
 def tiny_args(out: Path, data: Path, model: str = "tiny-causal", method: str = "seq", steps: int = 3, **extra) -> list[str]:

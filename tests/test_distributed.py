@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from aimmerging.cli.main import main
 from aimmerging.runs import process as runner_module
 
-from helpers import tiny_args
+from helpers import stage_adapters, tiny_args
 
 pytestmark = pytest.mark.slow
 
@@ -126,11 +126,6 @@ def _trace(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "trace.jsonl").read_text().splitlines()]
 
 
-def _stage_adapters(run: Path) -> dict[str, dict]:
-    return {d.name: load_file(str(d / "adapter" / "adapter_model.safetensors"))
-            for d in sorted((run / "stages").iterdir()) if (d / "adapter").is_dir()}
-
-
 def _files(run: Path) -> set[str]:
     return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()}
 
@@ -162,7 +157,7 @@ def test_two_processes_take_the_same_decisions_and_hold_a_bit_identical_adapter(
     assert tensors0.keys() == tensors1.keys() and len(tensors0) > 0
     assert all(torch.equal(tensors0[k], tensors1[k]) for k in tensors0)
     # ... and it is the adapter the main process saved after the last stage
-    saved = _stage_adapters(runs["two"])["02-agnews"]
+    saved = stage_adapters(runs["two"])["02-agnews"]
     assert all(torch.equal(saved[k.replace(".default", "")], v) for k, v in tensors0.items())
     # the trace file (main process) holds exactly the records both ranks emitted
     assert _trace(runs["two"]) == meta0["records"]
@@ -185,7 +180,7 @@ def test_two_processes_reproduce_the_one_process_run(runs):
     for pred in sorted(p for p in _files(two) if "/predictions/" in p):
         assert [json.loads(x)["id"] for x in (two / pred).read_text().splitlines()] == \
                [json.loads(x)["id"] for x in (one / pred).read_text().splitlines()]
-    a1, a2 = _stage_adapters(one), _stage_adapters(two)
+    a1, a2 = stage_adapters(one), stage_adapters(two)
     assert a1.keys() == a2.keys() == {"00-dbpedia", "01-amazon", "02-agnews"}
     for stage in a1:
         for k in a1[stage]:
@@ -231,7 +226,7 @@ def test_two_processes_resume_a_killed_run_and_retrain_nothing_when_finished(run
     want = json.loads((runs["two"] / "results.json").read_text())
     got = json.loads((out / "results.json").read_text())
     assert got["complete"] and got["accuracy_matrix"] == want["accuracy_matrix"]
-    a, b = _stage_adapters(out), _stage_adapters(runs["two"])
+    a, b = stage_adapters(out), stage_adapters(runs["two"])
     assert all(torch.equal(a[s][k], b[s][k]) for s in b for k in b[s])
 
     # run again on the finished directory: nothing is trained, on either rank

@@ -13,14 +13,13 @@ import random
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from aimmerging.cli.main import main
 from aimmerging.methods.base import Method
 from aimmerging.training import engine as engine_mod
 from aimmerging.training.engine import SKIP_GRADIENT, SKIP_LOSS, SKIP_UPDATE, FaultInjector
 
-from helpers import tiny_args
+from helpers import stage_adapters, tiny_args
 
 STEPS = 6  # per task: 18 inner steps in all (mtl: one stage of 18)
 METHODS = ["seq", "replay", "mtl", "single", "aimmerging", "merge-fixed", "merge-end"]
@@ -38,8 +37,7 @@ def _strict_records(out) -> list[dict]:
 
 
 def _adapters(out) -> dict[str, dict[str, torch.Tensor]]:
-    found = {s.name: load_file(str(s / "adapter" / "adapter_model.safetensors"))
-             for s in sorted((out / "stages").iterdir()) if (s / "adapter").is_dir()}
+    found = stage_adapters(out)
     assert found
     return found
 

@@ -31,7 +31,7 @@ from aimmerging.models.lora import lora_parameters, snapshot
 from aimmerging.runs.process import make_accelerator
 from aimmerging.runs.runner import build_engine
 
-from helpers import tiny_args
+from helpers import stage_adapters, tiny_args
 
 MODELS = ("tiny-causal", "tiny-seq2seq")
 
@@ -322,8 +322,7 @@ def test_ilora_through_the_training_loop_carries_the_slow_adapter_on():
 
 # -- end to end through the CLI, and a resume of the last stage -------------------------------------------------
 def _final_adapter(out: Path) -> dict[str, torch.Tensor]:
-    (last,) = sorted((out / "stages").glob("02-*"))
-    return load_file(str(last / "adapter" / "adapter_model.safetensors"))
+    return stage_adapters(out)["02-agnews"]
 
 
 @pytest.mark.parametrize("model", MODELS)

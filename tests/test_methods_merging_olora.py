@@ -24,6 +24,8 @@ from aimmerging.methods.task_merging import (
     lora_layers, merge_adapters, refactor,
 )
 
+from helpers import stage_adapters
+
 T = torch.tensor
 
 
@@ -355,8 +357,7 @@ def test_olora_refuses_an_adapter_without_slots():
 
 # -- end to end through the CLI -------------------------------------------------------------------------
 def _final_adapter(out):
-    stage = sorted((out / "stages").glob("02-*"))[0]
-    return load_file(str(stage / "adapter" / "adapter_model.safetensors"))
+    return stage_adapters(out)["02-agnews"]
 
 
 @pytest.mark.parametrize("model", ["tiny-causal", "tiny-seq2seq"])

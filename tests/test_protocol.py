@@ -21,7 +21,7 @@ from aimmerging.runs.process import make_accelerator
 from aimmerging.runs.results import build_results, load_reference
 from aimmerging.runs.runner import build_engine
 
-from helpers import tiny_args
+from helpers import stage_adapters, tiny_args
 
 
 # -- the preset -------------------------------------------------------------------------------------------------
@@ -195,8 +195,6 @@ def test_task_end_merge_acts_on_the_selected_adapter(tmp_path, data_dir):
     """merge-end under model selection: the checkpoint is restored first and the end-of-task merge
     is applied to it (it used to run before the restore, which threw it away and made merge-end
     compute exactly what seq computes). The last step (5) is never a candidate here."""
-    from safetensors.torch import load_file
-
     from aimmerging.cli.main import main
     from aimmerging.io import read_jsonl
 
@@ -205,8 +203,7 @@ def test_task_end_merge_acts_on_the_selected_adapter(tmp_path, data_dir):
         out = tmp_path / method
         assert main(tiny_args(out, data_dir, method=method, steps=5, protocol="reference", select_best_every=2,
                               max_input_tokens=64, max_new_tokens=4, lr=0.05)) == 0
-        [path] = sorted(out.glob("stages/01-*/adapter/*.safetensors"))
-        adapters[method] = load_file(path)
+        adapters[method] = stage_adapters(out)["01-amazon"]
         if method == "merge-end":
             events = [r["event"] for r in read_jsonl(out / "trace.jsonl")
                       if r.get("task_index") == 1 and r["event"] in ("select_best", "merge")]

@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from aimmerging.cli.main import main
 
-from helpers import tiny_args
+from helpers import stage_adapters, tiny_args
 
 KILL_ARGS = dict(method="aimmerging", steps=40, train_cap=32)
 
@@ -41,11 +40,6 @@ def _kill_when(proc: subprocess.Popen, ready, what: str, timeout: float = 300) -
 
 def _tmp_stage(out: Path, name: str) -> Path:
     return out / "stages" / f".tmp-{name}"
-
-
-def _adapters(out: Path) -> dict[str, dict]:
-    return {d.name: load_file(str(d / "adapter" / "adapter_model.safetensors"))
-            for d in sorted((out / "stages").iterdir()) if (d / "adapter").is_dir()}
 
 
 def test_sigkill_at_several_points_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir):
@@ -76,7 +70,7 @@ def test_sigkill_at_several_points_then_resume_matches_an_uninterrupted_run(tmp_
     strip = lambda recs: [{k: v for k, v in r.items()} for r in recs]  # noqa: E731
     trace = lambda p: strip(json.loads(line) for line in (p / "trace.jsonl").read_text().splitlines())  # noqa: E731
     assert trace(out) == trace(ref)
-    a, b = _adapters(out), _adapters(ref)
+    a, b = stage_adapters(out), stage_adapters(ref)
     assert a.keys() == b.keys() == {"00-dbpedia", "01-amazon", "02-agnews"}
     for stage in a:
         assert all((a[stage][k] == b[stage][k]).all() for k in b[stage]), stage
