@@ -113,7 +113,7 @@ def test_attention_flops_are_counted_on_cpu(causal):
 def test_timers_are_exclusive_and_a_methods_own_cost_has_its_column():
     import time
 
-    from aimmerging.bench.report import bench_markdown, method_summary
+    from aimmerging.bench.report import method_summary
     from aimmerging.training.engine import Timers
 
     t = Timers()
