@@ -69,6 +69,7 @@ def main(out: str) -> None:
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"rank{acc.process_index}.json").write_text(json.dumps(result))
     acc.wait_for_everyone()
+    acc.end_training()  # destroys the process group: gloo's threads left running abort the exit
 
 
 if __name__ == "__main__":

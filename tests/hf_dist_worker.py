@@ -23,6 +23,7 @@ from aimmerging.data.synthetic import generate
 from aimmerging.hf import AIMMergingCallback, PadCollator, tokenize_examples
 from aimmerging.models.loading import tiny_model
 from aimmerging.models.lora import attach_lora
+from aimmerging.runs.process import end_process_group
 
 
 def main(out: Path) -> None:
@@ -51,6 +52,7 @@ def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "world_size": world, "records": records}))
+    end_process_group()  # gloo's threads left running at the exit can abort the process (SIGABRT)
 
 
 if __name__ == "__main__":

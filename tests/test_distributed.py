@@ -209,6 +209,20 @@ def test_sharded_generation_gives_the_one_process_predictions(tmp_path):
         assert got["num_processes"] == 2 and got["predictions"] == want
 
 
+def test_a_command_ends_its_process_group_before_the_exit(capsys):
+    """Left to the interpreter's exit, gloo's threads can abort a process whose run succeeded
+    (SIGABRT, "terminate called without an active exception"): every command ends the group."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert main(["methods"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_two_processes_resume_a_killed_run_and_retrain_nothing_when_finished(runs, data_dir, tmp_path):
     out = tmp_path / "run"
     args = tiny_args(out, data_dir, **RUN)

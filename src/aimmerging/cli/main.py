@@ -72,3 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("aimmerging: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        _end_processes()
+
+
+def _end_processes() -> None:
+    """A command that ran under several processes ends their process group before the exit."""
+    if "torch.distributed" in sys.modules:  # nothing to end (and no torch to import) otherwise
+        from ..runs.process import end_process_group
+
+        end_process_group()

@@ -92,6 +92,16 @@ def make_accelerator(mixed_precision: str = "no"):
     return accelerator
 
 
+def end_process_group() -> None:
+    """Destroy the torch.distributed process group if this process has one (a command ends).
+    Left to the interpreter's exit, gloo's threads still running can abort the process
+    ("terminate called without an active exception", SIGABRT) after a run that succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main_decides(accelerator, fn):
     """``fn()`` on the main process only; its result, or the UserError it raised, is handed
     to every process, so a failed check fails everywhere at once instead of leaving the
