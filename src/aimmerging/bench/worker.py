@@ -11,7 +11,6 @@ def main(argv: list[str]) -> int:
     from ..errors import UserError
     from ..logs import setup_logging
     from ..reporting.plots import plot_run
-    from ..runs.process import end_process_group
     from ..runs.rundir import RunDirectory
     from ..runs.runner import run_config
 
@@ -30,8 +29,6 @@ def main(argv: list[str]) -> int:
     except UserError as e:
         print(f"aimmerging: error: {e}", file=sys.stderr)
         return 2
-    finally:
-        end_process_group()
     return 0
 
 
