@@ -245,7 +245,7 @@ def test_method_settings_are_declared_once_and_saved_flat():
 # -- fingerprint ------------------------------------------------------------------------------------
 
 def test_fingerprint_excludes_non_result_fields():
-    assert NON_RESULT_FIELDS == {"output_dir", "overwrite", "progress", "threads", "fwt_reference"}
+    assert NON_RESULT_FIELDS == {"output_dir", "overwrite", "progress", "threads", "fwt_reference", "trust_remote_code"}
     fp = build_config().fingerprint()
     assert set(fp) == set(FIELDS) - NON_RESULT_FIELDS
     a = build_config({"output_dir": "runs/a", "overwrite": False, "progress": True, "threads": 1})

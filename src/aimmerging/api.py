@@ -45,14 +45,16 @@ def run(stream: Any = None, method: str | type[Method] | Method = "seq", model: 
         stream: a :class:`TaskStream`, a mapping ``{task: {"train": [...], "test": [...], "dev": [...]}}``
             of ``{"input", "output"}`` dicts or ``datasets.Dataset`` objects, or None to name the
             stream by settings (``benchmark="standard-cl", data_dir=...`` or ``tasks=[...]``).
-        method: a registered name, an import path ``module:Class``, a Method subclass or instance.
+        method: a registered name, an import path ``module:Class``, a Method subclass or instance
+            (``None`` is an error: leave it out for the default, ``"seq"``).
         model: an alias (``smollm2-135m``, ``tiny-causal``, ``tiny-seq2seq``), a local directory,
             a hub id, or an already loaded ``(model, tokenizer)`` pair (LoRA is attached to it in place).
-        output_dir: with a directory the run behaves exactly like ``aimmerging run`` (resume
-            included); with None nothing is written to disk.
+        output_dir: with a directory (a ``str`` or ``os.PathLike``) the run behaves exactly like
+            ``aimmerging run`` (resume included); with None nothing is written to disk.
         **settings: run options by their config names (``max_steps=8``, ``lr=2e-3``, ...); unknown
             names are rejected with the same one-line errors as the CLI.
     """
+    _check_method(method)
     stream = as_stream(stream)
     values = dict(settings)
     if stream is not None:
@@ -62,18 +64,45 @@ def run(stream: Any = None, method: str | type[Method] | Method = "seq", model: 
         values["tasks"] = stream.tasks
     loaded = None
     if isinstance(model, (tuple, list)):
-        if len(model) != 2:
-            raise ConfigError("model: expected an alias, a path, a hub id or a (model, tokenizer) pair")
+        if len(model) != 2 or not _is_model(model[0]) or not _is_tokenizer(model[1]):
+            raise ConfigError(f"model: expected an alias, a path, a hub id or a (model, tokenizer) pair, got "
+                              f"({', '.join(type(m).__name__ for m in model)})")
         loaded = tuple(model)
         values["model"] = f"in-memory:{type(loaded[0]).__name__}"
+    elif isinstance(model, (str, os.PathLike)):
+        values["model"] = os.fspath(model)
     else:
-        values["model"] = str(model)
+        raise ConfigError(f"model: expected an alias, a path, a hub id or a (model, tokenizer) pair, got "
+                          f"{type(model).__name__}")
     if output_dir is not None:
-        values["output_dir"] = str(output_dir)
+        if not isinstance(output_dir, (str, os.PathLike)):
+            raise ConfigError(f"output_dir: expected a directory path (str or os.PathLike), got {type(output_dir).__name__}")
+        values["output_dir"] = os.fspath(output_dir)
     values.setdefault("progress", False)
     cfg = build_config(overrides=values, source="settings", method=method)
     instance = method if isinstance(method, Method) else None
-    run_dir = RunDirectory(output_dir) if output_dir is not None else None
+    run_dir = RunDirectory(values["output_dir"]) if output_dir is not None else None
     with warnings.catch_warnings():
         quiet_library_warnings()
         return Runner(cfg, stream=stream, model=loaded, method=instance, run_dir=run_dir).run()
+
+
+def _check_method(method: Any) -> None:
+    """A method given to :func:`run` is a name, a Method subclass or a Method instance (else one
+    ConfigError, not an AttributeError deep inside the config builder)."""
+    if isinstance(method, (str, Method)) or (isinstance(method, type) and issubclass(method, Method)):
+        return
+    if method is None:
+        raise ConfigError("method: None is not a method; leave method out for the default ('seq') or name one")
+    what = f"the class {method.__name__}" if isinstance(method, type) else f"{method!r} ({type(method).__name__})"
+    raise ConfigError(f"method: expected a registered name, an import path module:Class, a Method subclass or "
+                      f"instance, got {what}")
+
+
+def _is_model(obj: Any) -> bool:
+    """A loaded (transformers-like) model: a torch module with a ``config``."""
+    return callable(getattr(obj, "named_parameters", None)) and hasattr(obj, "config")
+
+
+def _is_tokenizer(obj: Any) -> bool:
+    return callable(obj) and callable(getattr(obj, "decode", None))

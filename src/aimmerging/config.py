@@ -2,10 +2,12 @@
 settings (its ``Settings`` dataclass), read from a YAML file and/or command-line flags.
 
 Every option is a flag (``lora_r`` -> ``--lora-r``) and a YAML key (``lora_r:`` or ``lora-r:``).
-Precedence: defaults < YAML file (``--config``) < flags. Unknown keys and ill-typed values are
-errors; options of another method than the chosen one are checked and ignored (a shared YAML
-file may set them for every method). The fully resolved config (core options and the method's
-settings, flat) is saved as ``config.yaml`` in the run directory.
+Precedence: defaults < YAML file (``--config``) < flags. Unknown keys, ill-typed values and
+absurd ones are errors (an integer option is at most ``settings.INT_LIMIT``, 10**9, or its own
+tighter ``maximum``, e.g. ``lora_r`` <= 4096; ``0 < lr <= 10``); options of another method than
+the chosen one are checked and ignored (a shared YAML file may set them for every method). The
+fully resolved config (core options and the method's settings, flat) is saved as ``config.yaml``
+in the run directory.
 
 Batch sizes are global (over all processes), so one config means the same training on one
 process or on N.
@@ -27,15 +29,23 @@ from .errors import ConfigError
 from .evaluation.scoring import METRICS as METRIC_NAMES
 from .protocol import PROTOCOLS, preset
 from .methods import METHODS, Method, load_builtin_methods, resolve_method
-from .settings import build, check_choices, coerce, option, option_fields
+from .settings import build, check_choices, coerce, int_limit, option, option_fields
 
 # Fields that do not change what a run computes: they may differ when a run is resumed.
-NON_RESULT_FIELDS = frozenset({"output_dir", "overwrite", "progress", "threads", "fwt_reference"})
+NON_RESULT_FIELDS = frozenset({"output_dir", "overwrite", "progress", "threads", "fwt_reference", "trust_remote_code"})
 SEED_MAX = 2**32 - 1
+# Upper bounds of the options whose sane range is far below settings.INT_LIMIT (10**9, the bound
+# of every other integer option): each is refused with one line before anything is loaded.
+TOKENS_MAX = 65536  # answer and generation lengths
+INPUT_TOKENS_MAX = 2**20  # prompt budget
+BATCH_MAX = 10**6  # every batch size
+LORA_R_MAX = 4096  # a rank above the model's hidden size is checked when the model is loaded
+THREADS_MAX = 4096
+LR_MAX = 10.0  # AdamW learning rates are far below 1; a larger one only overflows the weights
 
 
-def _f(default, help: str, group: str, choices: tuple | None = None):
-    return option(default, help, choices, group=group)
+def _f(default, help: str, group: str, choices: tuple | None = None, maximum: int | None = None):
+    return option(default, help, choices, group=group, maximum=maximum)
 
 
 def _lf(help: str, group: str):
@@ -61,22 +71,23 @@ class RunConfig:
     # -- model -----------------------------------------------------------------------------------
     model: str = _f("smollm2-135m", "alias (smollm2-135m, tiny-causal, tiny-seq2seq), local directory or hub id", "model")
     dtype: str = _f("float32", "dtype of the base weights", "model", ("float32", "bfloat16", "float16"))
+    trust_remote_code: bool = _f(False, "run Python code shipped with the model (an auto_map in its config.json); off: such a model is refused, never asked about", "model")
     prompt_format: str = _f("plain", "causal LMs: 'plain' (input + ' ' + output) or 'chat' (chat template)", "model", ("plain", "chat"))
-    max_input_tokens: int = _f(1024, "prompt budget in tokens (see --truncation)", "model")
+    max_input_tokens: int = _f(1024, "prompt budget in tokens (see --truncation)", "model", maximum=INPUT_TOKENS_MAX)
     truncation: str = _f("middle", "a prompt over budget loses its middle (head and the last tokens kept) or its end (right: the reference's)", "model", ("middle", "right"))
     truncate_eval_prompts: bool = _f(True, "truncate prompts at evaluation too (the reference does not)", "model")
-    max_target_tokens: int = _f(128, "answer budget in tokens, EOS included", "model")
-    lora_r: int = _f(8, "LoRA rank", "model")
-    lora_alpha: int = _f(32, "LoRA alpha (scaling alpha/r)", "model")
+    max_target_tokens: int = _f(128, "answer budget in tokens, EOS included", "model", maximum=TOKENS_MAX)
+    lora_r: int = _f(8, "LoRA rank", "model", maximum=LORA_R_MAX)
+    lora_alpha: int = _f(32, "LoRA alpha (scaling alpha/r)", "model", maximum=TOKENS_MAX)
     lora_dropout: float = _f(0.05, "LoRA dropout", "model")
     lora_targets: Optional[list[str]] = _lf("modules to adapt (default: PEFT's per-architecture choice, q,v / q_proj,v_proj)", "model")
     # -- training --------------------------------------------------------------------------------
     method: str = _f("seq", "continual-learning method: a registered name or an import path module:Class", "training")
     epochs: int = _f(10, "epochs per task (ignored when --max-steps is given)", "training")
     max_steps: Optional[int] = _f(None, "optimizer steps per task; mtl gets this x the number of tasks (default: epochs x floor(ceil(N/micro)/accum))", "training")
-    batch_size: int = _f(32, "examples per optimizer step (global, over all processes)", "training")
-    micro_batch_size: int = _f(8, "examples per forward pass (global); accumulation = batch/micro", "training")
-    lr: float = _f(3e-4, "AdamW learning rate (peak of the linear schedule)", "training")
+    batch_size: int = _f(32, "examples per optimizer step (global, over all processes)", "training", maximum=BATCH_MAX)
+    micro_batch_size: int = _f(8, "examples per forward pass (global); accumulation = batch/micro", "training", maximum=BATCH_MAX)
+    lr: float = _f(3e-4, "AdamW learning rate (peak of the linear schedule; in (0, 10])", "training")
     warmup_steps: int = _f(50, "linear warm-up steps, then linear decay to 0", "training")
     weight_decay: float = _f(0.0, "AdamW weight decay", "training")
     max_grad_norm: float = _f(1.0, "global gradient-norm clipping", "training")
@@ -84,18 +95,19 @@ class RunConfig:
     adam_beta2: float = _f(0.999, "AdamW beta2", "training")
     adam_eps: float = _f(1e-8, "AdamW epsilon", "training")
     group_by_length: bool = _f(False, "group training examples of similar length into micro-batches (less padding)", "training")
-    memory_batch_size: int = _f(32, "memory examples per forgetting probe and per replay step", "stream")
+    memory_batch_size: int = _f(32, "memory examples per forgetting probe and per replay step", "stream", maximum=BATCH_MAX)
     select_best_every: Optional[int] = _f(None, "every N steps compute the validation loss and keep the best adapter (reference: 40)", "selection")
     validation: str = _f("dev", "validation examples: the dev split (val-per-task per seen task) or val-holdout of the task's training set (the reference's single runs)", "selection", ("dev", "train-holdout"))
     val_per_task: int = _f(25, "validation examples per seen task (dev split) for --select-best-every", "selection")
     val_holdout: float = _f(0.1, "--validation train-holdout: fraction of the training set held out (not trained on)", "selection")
     val_loss: str = _f("token-mean", "validation loss: mean over all answer tokens, or HF Trainer's mean of per-batch token means (weighted by batch size)", "selection", ("token-mean", "batch-mean"))
-    val_batch_size: Optional[int] = _f(None, "examples per validation batch (default: the micro-batch size; HF Trainer: 8)", "selection")
+    val_batch_size: Optional[int] = _f(None, "examples per validation batch (default: the micro-batch size; HF Trainer: 8)", "selection", maximum=BATCH_MAX)
     dev_test_overlap: str = _f("holdout", "a task whose dev examples are test examples: validate on training examples not trained on (holdout), or on dev anyway (keep: the reference's test leak, with a warning)", "selection", ("holdout", "keep"))
-    seed: int = _f(42, "seed of everything (sampling, data order, LoRA init, dropout)", "training")
+    # (seed: validate() states its range, [0, SEED_MAX]; the bound here only keeps it a C integer)
+    seed: int = _f(42, "seed of everything (sampling, data order, LoRA init, dropout)", "training", maximum=2**63 - 1)
     # -- evaluation --------------------------------------------------------------------------------
-    eval_batch_size: int = _f(16, "prompts per generation batch", "evaluation")
-    max_new_tokens: Optional[int] = _f(None, "generation length (default: longest answer of the task's training set + EOS)", "evaluation")
+    eval_batch_size: int = _f(16, "prompts per generation batch", "evaluation", maximum=BATCH_MAX)
+    max_new_tokens: Optional[int] = _f(None, "generation length (default: longest answer of the task's training set + EOS)", "evaluation", maximum=TOKENS_MAX)
     metric: Optional[dict] = _f(None, "per-task metric overrides: TASK=exact_match|rougeL,...", "evaluation")
     eval_split: str = _f("test", "split scored after each task; 'dev' to choose settings without touching the test split", "evaluation", ("test", "dev"))
     eval_scope: str = _f("all", "after each task evaluate all seen tasks, or only what OP/BWT/FWT need", "evaluation", ("all", "needed"))
@@ -107,7 +119,7 @@ class RunConfig:
     output_dir: Optional[str] = _f(None, "run directory (default runs/<method>)", "run")
     overwrite: bool = _f(False, "replace an output dir that holds a run with a different config", "run")
     progress: bool = _f(True, "progress bars", "run")
-    threads: Optional[int] = _f(None, "torch CPU threads (default: torch's choice)", "run")
+    threads: Optional[int] = _f(None, "torch CPU threads (default: torch's choice)", "run", maximum=THREADS_MAX)
     mixed_precision: str = _f("no", "accelerate mixed precision", "run", ("no", "bf16", "fp16"))
     # -- the chosen method's own settings (an instance of its Settings dataclass, or None) ---------
     settings: Any = field(default=None, repr=False)
@@ -130,10 +142,13 @@ class RunConfig:
         for f in fields(self):
             v = getattr(self, f.name)
             need(not (isinstance(v, float) and not math.isfinite(v)), f"{f.name}: must be a finite number, got {v}")
+            if isinstance(v, int) and not isinstance(v, bool) and f.name in FIELDS:  # built without coerce()
+                limit = int_limit(RunConfig, f.name)
+                need(-limit <= v <= limit, f"{f.name}: must be <= {limit}, got {v}")
         need(self.max_target_tokens >= 2, "max_target_tokens: must be >= 2 (answer + EOS)")
         need(self.batch_size % self.micro_batch_size == 0,
              f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
-        need(self.lr > 0, "lr: must be > 0")
+        need(0 < self.lr <= LR_MAX, f"lr: must be in (0, {LR_MAX:g}], got {self.lr:g}")
         need(0 <= self.lora_dropout < 1, "lora_dropout: must be in [0, 1)")
         need(0 < self.memory_ratio <= 100, "memory_ratio: a percentage in (0, 100]")
         need(0 < self.val_holdout < 1, f"val_holdout: a fraction in (0, 1), got {self.val_holdout}")
@@ -228,9 +243,11 @@ def build_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str,
             merged[name] = (origin, value)
             spelled[name] = str(key)
     if method is not None:
+        if not _is_method_spec(method):
+            raise ConfigError(f"method: expected a name, a Method subclass or instance, got {method!r}")
         merged["method"] = ("api", method if isinstance(method, str) else _method_label(method))
     method_spec = method if method is not None and not isinstance(method, str) else merged.get("method", (None, "seq"))[1]
-    if not isinstance(method_spec, (str, type, Method)):
+    if not _is_method_spec(method_spec):
         raise ConfigError(f"method: expected a name, got {method_spec!r}")
     method_cls = resolve_method(method_spec)
     protocol = merged.get("protocol", (None, "default"))[1]
@@ -266,6 +283,10 @@ def build_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str,
     else:
         settings = None
     return RunConfig(**core, settings=settings).validate()
+
+
+def _is_method_spec(method: Any) -> bool:
+    return isinstance(method, (str, Method)) or (isinstance(method, type) and issubclass(method, Method))
 
 
 def _method_label(method: type[Method] | Method) -> str:

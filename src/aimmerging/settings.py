@@ -17,10 +17,26 @@ from typing import Any, Callable, Union
 from .errors import ConfigError
 
 
-def option(default: Any, help: str, choices: tuple | Callable[[], tuple] | None = None, group: str | None = None):
+# The largest magnitude an integer option may have unless it states its own ``maximum``: every
+# count, step number and size in aimmerging is far below it, and a larger value (``2**63``, a YAML
+# ``9e99``) would only overflow a C integer or an allocation deep inside torch.
+INT_LIMIT = 10**9
+
+
+def option(default: Any, help: str, choices: tuple | Callable[[], tuple] | None = None, group: str | None = None,
+           maximum: int | None = None):
     """A dataclass field carrying ``help``, ``choices`` (a tuple, or a callable returning one, for
-    names read from a registry) and an optional ``group`` for ``--help``."""
-    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+    names read from a registry), an optional ``group`` for ``--help`` and, for an integer option,
+    its ``maximum`` (default :data:`INT_LIMIT`; :func:`coerce` refuses a larger value)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group, "maximum": maximum})
+
+
+def int_limit(cls, name: str) -> int:
+    """The largest value integer option ``name`` of dataclass ``cls`` accepts (its magnitude, for
+    the rare option that may be negative)."""
+    f = next((f for f in fields(cls) if f.name == name), None)
+    limit = f.metadata.get("maximum") if f is not None else None
+    return INT_LIMIT if limit is None else limit
 
 
 def choices_of(f: dataclasses.Field) -> tuple | None:
@@ -65,7 +81,12 @@ def coerce(cls, name: str, value: Any) -> Any:
         if base is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return int(value)
+            number = int(value)
+            limit = int_limit(cls, name)
+            if not -limit <= number <= limit:
+                bound = f"<= {limit}" if number > 0 else f">= -{limit}"
+                raise ConfigError(f"{name}: must be {bound}, got {value if isinstance(value, str) else repr(value)}")
+            return number
         if base is float:
             if isinstance(value, bool):
                 raise ValueError

@@ -62,7 +62,8 @@ def shares_first_stage(method: str, run: dict | None = None) -> bool:
     cls = resolve_method(method)
     if method == "single" and run is not None and _single_overrides(run):
         return False
-    return not cls.joint and method in {"seq", "replay", "merge-end", "merge-fixed", "aimmerging", "single"}
+    return not cls.joint and method in {"seq", "replay", "merge-end", "merge-fixed", "aimmerging", "single",
+                                        "forever", "vbm", "rkif"}
 
 
 def _single_overrides(run: dict) -> dict:

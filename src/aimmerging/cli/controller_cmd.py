@@ -38,7 +38,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         step = rec.get("step")
         if rec.get("event", "step") in ("step", "merge") and (isinstance(step, bool) or not isinstance(step, (int, float))):
             raise UserError(f"{args.trace}: line {n}: 'step' must be a number, got {step!r}")
-    traces = split_tasks(records)
+    traces = split_tasks(_index_tasks_by_name(records))
     if args.task:
         chosen = [t for t in traces if t.name == args.task]
         if not chosen:
@@ -68,3 +68,27 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if not replayed:
         raise UserError(f"{args.trace}: no task with merge-controller settings; pass --schedule to replay anyway")
     return 0
+
+
+def _index_tasks_by_name(records: list[dict]) -> list[dict]:
+    """The records, each with a ``task_index``: a record without one (a hand-made trace) gets the
+    index of the first record of the same task name (a new one, after every index in use, for a
+    name not seen yet), so that the records of one task form one trace instead of a task each."""
+    def valid(index) -> bool:
+        return isinstance(index, int) and not isinstance(index, bool)
+
+    by_name: dict[str, int] = {}
+    for rec in records:
+        if rec.get("task") is not None and valid(rec.get("task_index")):
+            by_name.setdefault(str(rec["task"]), rec["task_index"])
+    following = max(by_name.values(), default=-1) + 1
+    out = []
+    for rec in records:
+        name = rec.get("task")
+        if name is not None and not valid(rec.get("task_index")):
+            if str(name) not in by_name:
+                by_name[str(name)] = following
+                following += 1
+            rec = {**rec, "task_index": by_name[str(name)]}
+        out.append(rec)
+    return out

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import MISSING
 
-from ..settings import base_type, choices_of, option_fields
+from ..settings import INT_LIMIT, base_type, choices_of, option_fields
 
 
 def add_option_flags(parser: argparse.ArgumentParser, cls, *, group: str | None = None, skip=frozenset(),
@@ -25,7 +25,9 @@ def add_option_flags(parser: argparse.ArgumentParser, cls, *, group: str | None 
         g = groups[title]
         flag = "--" + name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        help_text = f"{f.metadata['help']} (default: {default})"
+        maximum = f.metadata.get("maximum")  # stated only where tighter than settings.INT_LIMIT
+        limit = f"; at most {maximum}" if maximum is not None and maximum <= INT_LIMIT else ""
+        help_text = f"{f.metadata['help']} (default: {default}{limit})"
         if base_type(cls, name) is bool:
             g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=help_text)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 from ..errors import UserError
 from ..logs import process_rank, setup_logging
@@ -52,13 +55,66 @@ def _fail(message: str) -> int:
     return 2
 
 
+INTERRUPTED = "aimmerging: interrupted"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``aimmerging`` command. Ctrl-C at any moment ends in one line and status 130: while the
+    command runs (it resumes), or before it (imports, the parser), when nothing was written yet."""
+    with _sigint_recorded() as seen:
+        try:
+            return _main(argv, seen)
+        except KeyboardInterrupt:
+            print(INTERRUPTED, file=sys.stderr)
+            return 130
+        except BaseException:
+            if not seen:
+                raise
+            # a Ctrl-C that Python swallowed inside an import (an "ignored" exception in importlib's
+            # callbacks) can leave a module half-imported, and a later import fails: the interrupt
+            print(INTERRUPTED, file=sys.stderr)
+            return 130
+
+
+@contextmanager
+def _sigint_recorded():
+    """Remember every SIGINT (``seen`` is true once one came) while still raising KeyboardInterrupt,
+    and keep the interrupts Python cannot raise (inside importlib's weak-reference callbacks, which
+    it reports as "Exception ignored in ..." and then goes on) off stderr: :func:`main` answers them
+    with its one line. Only in the main thread, and only over Python's default handler."""
+    seen: list[int] = []
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield seen
+        return
+    old_hook = sys.unraisablehook
+
+    def on_sigint(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    def hook(unraisable):
+        if not (seen and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+            old_hook(unraisable)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    sys.unraisablehook = hook
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook = old_hook
+
+
+def _main(argv: list[str] | None, seen: list[int]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parser = build_parser(argv)
     except UserError as e:
         return _fail(str(e))
     args = parser.parse_args(argv)
+    if seen:  # an interrupt swallowed while the commands were imported: stop before anything is written
+        raise KeyboardInterrupt
     setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
@@ -70,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # disk full, read-only or missing directory, a path under a file, ...
         return _fail(os_error_line(e))
     except KeyboardInterrupt:
-        print("aimmerging: interrupted; re-run the same command to resume", file=sys.stderr)
+        print(f"{INTERRUPTED}; re-run the same command to resume", file=sys.stderr)
         return 130
     finally:
         _end_processes()

@@ -56,8 +56,13 @@ Precedence of the column names: the task's own keys, then the file's top-level k
 
 Every problem (missing or unreadable file, unknown extension, empty file, missing column, a
 conversation without an assistant turn, a bad stream file) is a :class:`~aimmerging.errors.DataError`
-whose one-line message names the file. ``datasets`` and ``pyarrow`` are optional: they are
-imported only to read saved datasets and Parquet files, with a one-line error when missing.
+whose one-line message names the file. So are hostile files: a device, FIFO or socket, a file over
+:data:`~aimmerging.data.olora.DATA_FILE_LIMIT` (2 GiB; a stream YAML file: 1 MiB), JSON nested past
+Python's recursion limit, a CSV file with a NUL byte, text that is not valid Unicode (a lone
+surrogate such as ``"\\ud800"``, which JSON can spell), and a task named twice in a stream file
+(a duplicate key, or keys ``1`` and ``'1'``: both are task ``"1"``). ``datasets`` and ``pyarrow``
+are optional: they are imported only to read saved datasets and Parquet files, with a one-line
+error when missing.
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from ..errors import ConfigError, DataError
-from .olora import SPLITS, Example
+from .olora import DATA_FILE_LIMIT, SPLITS, Example, is_unicode_text, parse_json, read_data_text
 from .stream import TaskStream
 
 FORMATS = ("jsonl", "json", "csv", "parquet", "saved")
@@ -105,8 +110,7 @@ def detect_format(path: str | os.PathLike, format: Optional[str] = None) -> str:
 
 def _open_text(path: Path) -> str:
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            return f.read()
+        return read_data_text(path)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -123,7 +127,7 @@ def _read_jsonl(path: Path) -> list:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append(parse_json(line, path, f"line {n}: "))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: line {n}: not JSON ({e.msg} at column {e.colno})") from None
     return rows
@@ -134,7 +138,7 @@ def _read_json(path: Path) -> list:
     if not text.strip():
         return []
     try:
-        data = json.loads(text)
+        data = parse_json(text, path)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     if not isinstance(data, list):
@@ -145,10 +149,22 @@ def _read_json(path: Path) -> list:
 
 def _read_csv(path: Path) -> list:
     text = _open_text(path)
+    if "\0" in text:  # a binary file, or a corrupt one (Python < 3.11's csv refuses it too)
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise DataError(f"{path}: malformed CSV: line {line} contains a NUL byte (not a text file?)")
     try:
         return list(csv.DictReader(text.splitlines()))
     except csv.Error as e:
         raise DataError(f"{path}: malformed CSV: {e}") from None
+
+
+def _check_regular(path: Path) -> None:
+    """A file read whole is a regular file of at most DATA_FILE_LIMIT bytes (DataError otherwise)."""
+    if not path.is_file():
+        raise DataError(f"{path}: cannot read: not a regular file (a device, FIFO or socket cannot be read as data)")
+    if path.stat().st_size > DATA_FILE_LIMIT:
+        raise DataError(f"{path}: cannot read: file too large ({path.stat().st_size} bytes; the limit is "
+                        f"{DATA_FILE_LIMIT // 2**30} GiB)")
 
 
 def _first_line(e: BaseException) -> str:
@@ -163,6 +179,7 @@ def _read_parquet(path: Path) -> list:
         raise DataError(f"{path}: reading Parquet files needs pyarrow ({INSTALL_HINT})") from None
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    _check_regular(path)
     try:
         return pq.read_table(path).to_pylist()
     except OSError as e:
@@ -222,7 +239,7 @@ def split_chat(messages: Any, where: str) -> tuple[list[dict], str]:
     if isinstance(messages, str):
         try:
             messages = json.loads(messages)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise DataError(f"{where}: '{MESSAGES_FIELD}' is a string but not a JSON list of turns") from None
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: '{MESSAGES_FIELD}' must be a non-empty list of {{role, content}} turns")
@@ -298,6 +315,9 @@ def examples_from_rows(rows: Iterable[Any], *, source: str, task: str, input_fie
             raise DataError(f"{where}: the prompt ('{MESSAGES_FIELD if chat else input_field}') is empty")
         rid = row.get("id")
         rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid) else f"{task}-{i}"
+        for field, text in ((MESSAGES_FIELD if chat else input_field, prompt), (output_field, output), ("id", rid)):
+            if not is_unicode_text(text):
+                raise DataError(f"{where}: field '{field}' is not valid Unicode text (a lone surrogate)")
         examples.append(Example(id=rid, input=prompt, output=output, task=task))
     return examples
 
@@ -384,6 +404,8 @@ def load_stream_file(path: str | os.PathLike, *, input_field: Optional[str] = No
     for name, entry in tasks.items():
         task = str(name)
         where = f"{path}: task '{task}'"
+        if task in plans:  # keys 1 and '1' are both task "1"
+            raise DataError(f"{where} is listed twice (task names are compared as text)")
         if not isinstance(entry, Mapping):
             raise DataError(f"{where}: expected a mapping with train/test/dev files, got {type(entry).__name__}")
         bad = sorted(set(map(str, entry)) - set(TASK_KEYS))
@@ -405,6 +427,9 @@ def load_stream_file(path: str | os.PathLike, *, input_field: Optional[str] = No
             file = file if file.is_absolute() else base / file
             if not file.exists():
                 raise DataError(f"{where}: {split} file {file} not found")
+            if not file.is_dir() and not file.is_file():
+                raise DataError(f"{where}: {split} file {file} is not a regular file (a device, FIFO or socket "
+                                "cannot be read as data)")
             detect_format(file, fmt)  # an unknown extension fails now, not mid-run
             files[split] = file
         plans[task] = {"files": files, "format": fmt,

@@ -14,10 +14,41 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
+from ..io import FileRefused, read_bounded
 
 SPLITS = ("train", "dev", "test")
 RUN_SPLITS = ("train", "test")  # read by every run (dev only with model selection or --eval-split dev)
 REQUIRED_FIELDS = ("id", "input", "output")
+# The largest data file read (bytes): task files are read whole into memory, and a file past this
+# (or a device like /dev/zero, or a FIFO) is refused with one line instead of exhausting memory.
+DATA_FILE_LIMIT = 2 * 2**30
+
+
+def is_unicode_text(text: str) -> bool:
+    """Whether ``text`` can be encoded as UTF-8: JSON may spell a lone surrogate (``"\\ud800"``),
+    which no tokenizer accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def read_data_text(path: Path) -> str:
+    """The UTF-8 text of a data file (at most :data:`DATA_FILE_LIMIT` bytes, a regular file);
+    OSError and UnicodeDecodeError pass through, a refused file is a DataError naming it."""
+    try:
+        return read_bounded(path, DATA_FILE_LIMIT).decode("utf-8")
+    except FileRefused as e:
+        raise DataError(f"{path}: cannot read: {e}") from None
+
+
+def parse_json(text: str, path: Path, where: str = "") -> object:
+    """``json.loads`` whose nesting past Python's recursion limit is a DataError naming the file."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise DataError(f"{path}: {where}malformed JSON: nested too deeply") from None
 
 
 @dataclass(frozen=True)
@@ -68,6 +99,8 @@ def check_records(records: object, path: Path) -> list[str]:
                 problems.append(f"{path}: item {i}: missing field '{field}'")
             elif not isinstance(rec[field], str):
                 problems.append(f"{path}: item {i}: field '{field}' is not a string")
+            elif not is_unicode_text(rec[field]):
+                problems.append(f"{path}: item {i}: field '{field}' is not valid Unicode text (a lone surrogate)")
         if isinstance(rec.get("input"), str) and not rec["input"].strip():
             problems.append(f"{path}: item {i}: field 'input' is empty")
         rid = rec.get("id")
@@ -82,14 +115,15 @@ def check_records(records: object, path: Path) -> list[str]:
 def parse_task_file(path: Path) -> tuple[list | None, list[str]]:
     """(records, problems): the raw JSON content and every problem found in it."""
     try:
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f)
+        records = parse_json(read_data_text(path), path)
     except json.JSONDecodeError as e:
         return None, [f"{path}: malformed JSON: {e.msg} at line {e.lineno} column {e.colno}"]
     except UnicodeDecodeError as e:
         return None, [f"{path}: not UTF-8 text: {e.reason}"]
     except OSError as e:
         return None, [f"{path}: cannot read: {e.strerror}"]
+    except DataError as e:  # not a regular file, too large, nested too deeply
+        return None, [str(e)]
     return records, check_records(records, path)
 
 
@@ -145,7 +179,8 @@ def validate_dir(data_dir: str | Path) -> tuple[dict[str, dict[str, SplitReport]
             errors.extend(problems)
             if records is None or not isinstance(records, list):
                 continue
-            labels = Counter(r["output"] for r in records if isinstance(r, dict) and isinstance(r.get("output"), str))
+            labels = Counter(r["output"] for r in records if isinstance(r, dict) and isinstance(r.get("output"), str)
+                             and is_unicode_text(r["output"]))  # printable: a lone surrogate is an error above
             report[task][split] = SplitReport(count=len(records), labels=labels)
         train = report[task].get("train")
         for split in ("dev", "test"):

@@ -23,14 +23,49 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from ..errors import DataError
-from .olora import SPLITS, Example, read_task
+from .olora import SPLITS, Example, is_unicode_text, read_task
 from .sampling import balanced_subsample
+
+TASK_NAME_MAX_BYTES = 200  # a task name is a file name (``predictions/<task>.jsonl``, ``stages/NN-<task>``)
+
+
+def check_task_name(name: Any) -> str:
+    """``name`` when it is a valid task name, else a one-line DataError. A task name becomes a file
+    and folder name in the run directory, so it is a name, never a path: not empty, no ``/`` or
+    ``\\``, no ``..``, no leading dot, no NUL or other control character, at most 200 bytes.
+    Every task stream checks its names here, before anything is read or written: stream files
+    (``--data``), ``--tasks``, the Python API's mapping and ``datasets`` inputs all build a
+    :class:`TaskStream`."""
+    if not isinstance(name, str):
+        raise DataError(f"task name {name!r}: expected a string, got {type(name).__name__}")
+    if not name.strip():
+        problem = "is empty"
+    elif "/" in name or "\\" in name:
+        problem = "contains a path separator"
+    elif ".." in name:
+        problem = "contains '..'"
+    elif name.startswith("."):
+        problem = "starts with a dot"
+    elif any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name):
+        problem = "contains a control character"
+    elif len(name.encode("utf-8", "surrogatepass")) > TASK_NAME_MAX_BYTES:
+        problem = f"is longer than {TASK_NAME_MAX_BYTES} bytes"
+    else:
+        return name
+    shown = repr(name) if len(name) <= 80 else repr(name[:77]) + "..."
+    raise DataError(f"task name {shown} {problem}: a task name is used as a file name in the run directory, "
+                    "not a path; rename the task")
 
 class TaskStream:
     """An ordered task stream; ``split(task, name)`` returns that split's examples (DataError when
     the stream has none)."""
 
     def __init__(self, tasks: Sequence[str], reader: Callable[[str, str], list[Example]], description: str = "custom"):
+        for task in tasks:
+            try:
+                check_task_name(task)
+            except DataError as e:
+                raise DataError(f"{description}: {e}" if description != "custom" else str(e)) from None
         if len(set(tasks)) != len(tasks):
             raise DataError(f"tasks: a task is listed twice in {list(tasks)}")
         if not tasks:
@@ -88,6 +123,8 @@ class TaskStream:
 
 
 def _to_examples(task: str, split: str, rows: Iterable[Any]) -> list[Example]:
+    if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Iterable):
+        raise DataError(f"task '{task}', {split}: expected a list of {{'input', 'output'}} mappings, got {type(rows).__name__}")
     examples: list[Example] = []
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
@@ -98,6 +135,9 @@ def _to_examples(task: str, split: str, rows: Iterable[Any]) -> list[Example]:
                 raise DataError(f"task '{task}', {split} item {i}: field '{key}' missing or not a string")
         if not row["input"].strip():
             raise DataError(f"task '{task}', {split} item {i}: field 'input' is empty")
+        for key in ("input", "output"):
+            if not is_unicode_text(row[key]):
+                raise DataError(f"task '{task}', {split} item {i}: field '{key}' is not valid Unicode text (a lone surrogate)")
         examples.append(Example(id=str(row.get("id", f"{task}-{split}-{i}")), input=row["input"],
                                 output=row["output"], task=task))
     if not examples:

@@ -9,6 +9,8 @@ every fused value is finite.
 Registered: ``weighted-sum`` (the reference's fusion: base + sum_i w_i delta_i). The merging
 baselines of later work (TIES, DARE) fit the same signature and can use ``peft.utils.merge_utils``.
 Adding a rule is one function here (or in the user's code) plus ``FUSION_RULES.register``.
+Recurrent-KIF's importance-masked fusion (:mod:`aimmerging.fusion.importance`) is not a registered
+rule: it needs every entry's importance and a threshold over all tensors, not two scalar weights.
 """
 
 from __future__ import annotations

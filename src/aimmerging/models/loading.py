@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import pickle
 import shutil
 import socket
 import tempfile
@@ -114,8 +115,8 @@ def smollm2_dir() -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         log.info("converting %s to safetensors in %s (once, ~40 s)", gguf.name, target)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
         config = quantized.config
         del config.quantization_config  # dequantized already; a plain fp32 checkpoint follows
         model = AutoModelForCausalLM.from_config(config)
@@ -200,9 +201,26 @@ def first_line(e: BaseException) -> str:
 
 
 # -- public entry point ------------------------------------------------------------------------
-def load_base_model(name: str, dtype: str = "float32"):
+def _needs_remote_code(e: BaseException) -> bool:
+    """Whether transformers refused to load because the model needs its own Python code."""
+    return isinstance(e, ValueError) and "trust_remote_code" in str(e)
+
+
+def _remote_code_refused(name: str, path: str) -> UserError:
+    where = "" if path == name else f" ({path})"
+    return UserError(f"model '{name}'{where} needs its own Python code to load (an 'auto_map' in its config.json "
+                     "or tokenizer_config.json), which aimmerging never runs unless asked: read that code, then "
+                     "pass --trust-remote-code to run it")
+
+
+def load_base_model(name: str, dtype: str = "float32", *, trust_remote_code: bool = False):
     """(model, tokenizer, kind) for an alias, a local directory or a hub id. The model is frozen
-    by the caller (LoRA); nothing is moved to a device here."""
+    by the caller (LoRA); nothing is moved to a device here.
+
+    ``trust_remote_code``: run Python code the model directory (or hub repository) ships, named by
+    an ``auto_map``. Off by default, and passed to transformers explicitly either way, so it never
+    asks on the terminal (a piped ``y`` would answer): such a model is a one-line UserError naming
+    ``--trust-remote-code``. Pickled weights (``pytorch_model.bin``) are only read as tensors."""
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
     if name in ("tiny-causal", "tiny-seq2seq"):
@@ -222,9 +240,12 @@ def load_base_model(name: str, dtype: str = "float32"):
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    trust = dict(trust_remote_code=bool(trust_remote_code))
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=local_only)
+        config = AutoConfig.from_pretrained(path, local_files_only=local_only, **trust)
     except (OSError, ValueError) as e:
+        if _needs_remote_code(e):
+            raise _remote_code_refused(name, path) from None
         if not hub_id:
             raise UserError(f"model '{name}': cannot read {Path(path) / 'config.json'}: {first_line(e)}") from None
         raise UserError(f"unknown model '{name}': not one of the aliases ({', '.join(ALIASES)}), "
@@ -235,11 +256,18 @@ def load_base_model(name: str, dtype: str = "float32"):
         # transformers does not pass local_files_only on to its adapter_config.json lookup, which
         # then retries the hub for ~30 s: it is passed there explicitly
         offline = dict(local_files_only=True, adapter_kwargs={"local_files_only": True}) if local_only else {}
-        model = auto.from_pretrained(path, dtype=DTYPES[dtype], **offline)
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        model = auto.from_pretrained(path, dtype=DTYPES[dtype], **offline, **trust)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=local_only, **trust)
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met more than tensors
+        where = f"hub model {name}" if hub_id else next(iter(sorted(Path(path).glob("*.bin"))), path)
+        raise UserError(f"model '{name}': {where}: refused, the weights file holds pickled objects other than "
+                        f"tensors, which could run code ({first_line(e)[:120]}); use a safetensors copy of "
+                        "the model") from None
     except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as e:
         # a truncated or corrupt weights file (SafetensorError, or RuntimeError/EOFError from
         # torch.load), a missing tokenizer file, a shape mismatch: the user's files, not a bug here
+        if _needs_remote_code(e):
+            raise _remote_code_refused(name, path) from None
         where = f"hub model {name}" if hub_id else path
         cause = first_line(e)
         if isinstance(e, SafetensorError):

@@ -8,13 +8,14 @@ in a fixed order (``lora_parameters``), which is also the order of every snapsho
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 
 
 def attach_lora(model, kind: str, r: int = 8, alpha: int = 32, dropout: float = 0.05,
@@ -23,6 +24,8 @@ def attach_lora(model, kind: str, r: int = 8, alpha: int = 32, dropout: float = 
     default (``q``/``v`` for T5, ``q_proj``/``v_proj`` for Llama-like models, ...)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
+    if target_modules is not None:
+        check_targets(model, target_modules)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules=target_modules,
                         task_type=TaskType.SEQ_2_SEQ_LM if kind == "seq2seq" else TaskType.CAUSAL_LM)
     try:
@@ -31,6 +34,30 @@ def attach_lora(model, kind: str, r: int = 8, alpha: int = 32, dropout: float = 
         msg = str(e).splitlines()[0]
         raise UserError(f"cannot attach LoRA to model type '{model.config.model_type}': {msg}; "
                         "pass --lora-targets with the names of its attention projections") from None
+
+
+def adaptable_modules(model) -> list[str]:
+    """The distinct names (last component) of the modules LoRA can adapt: leaf modules with a 2-D
+    weight (linear and GPT-2 ``Conv1D`` projections, embeddings)."""
+    names = set()
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if name and not any(True for _ in module.children()) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def check_targets(model, targets: Sequence[str]) -> None:
+    """Every requested LoRA target names at least one module of ``model`` (PEFT's rule: the full
+    module name, or its ending after a dot); PEFT itself only fails when none matches."""
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        available = adaptable_modules(model)
+        shown = ", ".join(available[:40]) + (" ..." if len(available) > 40 else "")
+        raise ConfigError(f"lora_targets: no module named {', '.join(repr(t) for t in missing)} in model type "
+                          f"'{getattr(model.config, 'model_type', type(model).__name__)}' "
+                          f"(modules LoRA can adapt: {shown or 'none'})")
 
 
 def lora_parameters(model) -> list[torch.nn.Parameter]:
@@ -60,6 +87,52 @@ def l1_distance(params, reference) -> float:
 @torch.no_grad()
 def all_finite(params) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in params)
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def save_adapter(peft_model, directory: str | os.PathLike) -> None:
+    """``peft_model.save_pretrained(directory)``, with two fixes to what safetensors does:
+
+    * an operating-system error while it writes the weights (a full disk: ``SafetensorError: Error
+      while serializing: I/O error: No space left on device (os error 28)``) is an ``OSError``
+      with that errno naming the file, as every other write gives (the CLI's "free some space and
+      rerun the same command");
+    * the weights file gets the mode the other files get (0666 less the umask): safetensors writes
+      it to an owner-only temporary file that it renames, so it would stay 0600 whatever the umask."""
+    from safetensors import SafetensorError
+
+    from ..io import current_umask
+
+    path = Path(directory) / ADAPTER_WEIGHTS
+    try:
+        peft_model.save_pretrained(str(directory))
+    except SafetensorError as e:
+        error = safetensors_os_error(e, path)
+        if error is e:
+            raise
+        raise error from e
+    except OSError as e:  # PEFT's own files (adapter_config.json, README.md): name the folder at least
+        if e.filename is None:
+            e.filename = str(directory)
+        raise
+    if path.is_file():
+        os.chmod(path, 0o666 & ~current_umask())
+
+
+_OS_ERROR_CODE = re.compile(r"(?:os error |Os \{ code: )(\d+)")
+
+
+def safetensors_os_error(e: Exception, path: str | os.PathLike) -> Exception:
+    """The ``OSError`` a ``SafetensorError`` stands for (safetensors reports I/O errors as text:
+    ``... (os error 28)``, or ``IoError(Os { code: 28, kind: StorageFull, ... })`` in older
+    versions), naming ``path``; ``e`` itself when its text names no OS error."""
+    m = _OS_ERROR_CODE.search(str(e))
+    if not m:
+        return e
+    code = int(m.group(1))
+    return OSError(code, os.strerror(code), str(path))
 
 
 def load_adapter_weights(model, directory: str | os.PathLike) -> None:

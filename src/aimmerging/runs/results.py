@@ -121,9 +121,9 @@ def summary_markdown(results: dict[str, Any]) -> str:
 
 
 def _skipped_line(stages: Sequence[dict]) -> Optional[str]:
-    """One line on the optimizer steps the engine skipped (non-finite loss, gradient or update)
-    over the stage records, or None when none was; e.g. ``Skipped: 3 of 24 inner steps
-    (non-finite loss, gradient or update); see trace.jsonl``."""
+    """One line on the optimizer steps the engine skipped (non-finite loss, gradient or update, or an
+    update torch refused as overflowing) over the stage records, or None when none was; e.g. ``Skipped: 3 of 24 inner steps
+    (non-finite loss, gradient or update, or an update that overflowed); see trace.jsonl``."""
     def total(key: str) -> int:
         return sum(int(s.get(key) or 0) for s in stages)
 
@@ -135,7 +135,7 @@ def _skipped_line(stages: Sequence[dict]) -> Optional[str]:
         parts.append(f"all {steps} inner steps" if inner == steps else f"{inner} of {steps} inner steps")
     if replay:
         parts.append(f"{replay} replay step{'s' if replay != 1 else ''}")
-    return f"Skipped: {' and '.join(parts)} (non-finite loss, gradient or update); see trace.jsonl"
+    return f"Skipped: {' and '.join(parts)} (non-finite loss, gradient or update, or an update that overflowed); see trace.jsonl"
 
 
 @dataclass

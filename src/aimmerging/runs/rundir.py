@@ -26,6 +26,12 @@ check to its end (only the main process of a multi-process run takes it). The fi
 holder's pid, host and command line, which a second run on the same directory names when it is
 refused. Only the live lock counts: the kernel drops it when its holder dies, so a lock file
 left by a killed run does not block the resume. The holder deletes the file when it is done.
+A ``.lock`` that is a symbolic link, a hard link or not a regular file is refused in one line,
+never written through (it would truncate the file it leads to).
+
+**Paths.** Every stage folder and predictions file is built here (``stage_dir``,
+``tmp_stage_dir``, ``predictions_file``) and refused unless it resolves inside the run directory;
+task names are also checked where they enter (``data.stream.check_task_name``).
 
 **What a resume trusts.** Every finished stage is verified before the run goes on (a damaged
 one is refused with one line naming the file and what to do, never read silently):
@@ -54,6 +60,7 @@ import os
 import shlex
 import shutil
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -61,6 +68,7 @@ from typing import Any, Optional
 
 from ..errors import ConfigError, UserError
 from ..io import atomic_write_json, atomic_write_jsonl, atomic_write_text, atomic_write_yaml, commit_dir, json_safe, read_json, read_jsonl
+from ..io import atomic_torch_save, remove_temp_files
 from .results import summary_markdown
 
 log = logging.getLogger("aimmerging")
@@ -73,6 +81,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 _COUNTERS = ("steps", "merges", "tokens", "skipped_steps", "skipped_replay_steps", "memory_size", "best_step")
 _AMOUNTS = ("wall_s", "peak_rss_mb")
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)  # the lock is not inherited by programs the run starts
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a .lock that is a symbolic link is refused, not followed
 
 
 class DamagedStage(UserError):
@@ -115,6 +124,14 @@ def _first_missing(path: Path) -> Optional[Path]:
     return missing
 
 
+def _file_name(name: str, what: str) -> str:
+    """``name`` when it is one plain file name (no separator, not ``.``/``..``, no NUL), else a
+    one-line UserError: a stage folder or a predictions file is never a path."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise UserError(f"{what} {name!r}: not a plain file name; aimmerging writes only inside its run directory")
+    return name
+
+
 def _one_line(text: str, limit: int = 300) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -144,10 +161,26 @@ class RunDirectory:
         return self.path / LOCK_NAME
 
     def stage_dir(self, dirname: str) -> Path:
-        return self.path / "stages" / dirname
+        return self._inside(self.path / "stages" / _file_name(dirname, "stage folder"))
 
     def tmp_stage_dir(self, dirname: str) -> Path:
-        return self.path / "stages" / f".tmp-{dirname}"
+        return self._inside(self.path / "stages" / f".tmp-{_file_name(dirname, 'stage folder')}")
+
+    def predictions_file(self, dirname: str, task: str, *, tmp: bool = False) -> Path:
+        """``predictions/<task>.jsonl`` of a stage (of its temporary folder with ``tmp``)."""
+        folder = self.tmp_stage_dir(dirname) if tmp else self.stage_dir(dirname)
+        return self._inside(folder / "predictions" / f"{_file_name(task, 'task name')}.jsonl")
+
+    def _inside(self, path: Path) -> Path:
+        """``path`` when it resolves inside the run directory, else a one-line UserError. Task names
+        are checked where they enter (``data.stream.check_task_name``); this is the second line of
+        defence, which also catches a symbolic link (``stages``, a stage folder) leading elsewhere."""
+        root = self.path.resolve()
+        real = path.resolve()
+        if root not in real.parents:
+            raise UserError(f"{path}: resolves to {real}, outside the run directory {self.path} (a name that is "
+                            "a path, or a symbolic link); aimmerging writes only inside its run directory")
+        return path
 
     # -- the lock --------------------------------------------------------------------------------------
     @property
@@ -165,13 +198,25 @@ class RunDirectory:
         for _ in range(20):
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | _CLOEXEC, 0o666)
+                # never through a link: O_NOFOLLOW refuses a symlink (ELOOP), the fstat below a hard
+                # link or a device, so a planted .lock cannot make the run overwrite another file
+                fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o666)
             except FileNotFoundError:  # the directory was removed under us (a run releasing it): again
                 continue
             except OSError as e:
+                if self.lock_file.is_symlink():
+                    raise self._linked_lock("a symbolic link") from None
                 where = e.filename or self.path
                 raise UserError(f"{where}: cannot create the run directory's lock file ({e.strerror or e}); "
                                 "choose another --output-dir") from None
+            st = os.fstat(fd)
+            if st.st_nlink == 0:  # deleted by the run releasing it, between our open and now: again
+                os.close(fd)
+                continue
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                os.close(fd)
+                raise self._linked_lock("not a regular file" if not stat.S_ISREG(st.st_mode)
+                                        else f"a hard link ({st.st_nlink} names for one file)")
             try:
                 import fcntl
 
@@ -229,6 +274,10 @@ class RunDirectory:
         finally:
             os.close(fd)
 
+    def _linked_lock(self, what: str) -> UserError:
+        return UserError(f"{self.lock_file} is {what}; aimmerging never writes its lock through a link: "
+                         "delete that file (it is not aimmerging's), then rerun the same command")
+
     def _holder(self, fd: Optional[int] = None) -> str:
         """'pid N on HOST, started ..., command ...' from the lock file (it is written just after
         the lock is taken: wait a moment for it)."""
@@ -251,7 +300,7 @@ class RunDirectory:
     def _refuse_if_busy(self) -> None:
         """Refuse when a run holds the lock; writes nothing (the lock file is only opened to read)."""
         try:
-            fd = os.open(self.lock_file, os.O_RDONLY | _CLOEXEC)
+            fd = os.open(self.lock_file, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
         except OSError:
             return
         try:
@@ -328,6 +377,8 @@ class RunDirectory:
         (self.path / "stages").mkdir(exist_ok=True)
         for tmp in (self.path / "stages").glob(".tmp-*"):  # leftovers of a killed run
             shutil.rmtree(tmp, ignore_errors=True)
+        # ... and the temporary files of a run killed between writing a run-level file and its rename
+        remove_temp_files(self.path, (self.config_file.name, self.results_file.name, self.trace_file.name, "summary.md"))
 
     def previous_results(self) -> Optional[dict]:
         """The results.json of an earlier invocation, or None (also when it is damaged: it only
@@ -430,7 +481,7 @@ class RunDirectory:
         stage = self.stage_dir(dirname)
         for rel, digest in sorted(files.items()):
             file = stage / rel
-            if ".." in Path(rel).parts or not file.is_file():
+            if ".." in Path(rel).parts or Path(rel).is_absolute() or not file.is_file():
                 raise self._damaged(dirname, file, "missing")
             try:
                 ok = _file_digest(file) == digest
@@ -445,7 +496,7 @@ class RunDirectory:
     def _check_predictions(self, dirname: str, scores_file: Path, task: str, score: float, ids: list) -> None:
         """predictions/<task>.jsonl: one row per evaluation example, in order, whose scores average
         to the task's score in scores.json."""
-        path = scores_file.parent / "predictions" / f"{task}.jsonl"
+        path = self.predictions_file(dirname, task)
         if not path.is_file():
             raise self._damaged(dirname, path, "missing")
         rows = self._read_jsonl(dirname, path)
@@ -497,13 +548,13 @@ class RunDirectory:
         tmp = self.tmp_stage_dir(dirname)
         tmp.mkdir(parents=True, exist_ok=True)
         for task, rows in predictions.items():
-            atomic_write_jsonl(tmp / "predictions" / f"{task}.jsonl", rows)
+            atomic_write_jsonl(self.predictions_file(dirname, task, tmp=True), rows)
         if peft_model is not None:
-            peft_model.save_pretrained(str(tmp / "adapter"))
-        if method_state:
-            import torch
+            from ..models.lora import save_adapter
 
-            torch.save(method_state, tmp / "method_state.pt")
+            save_adapter(peft_model, tmp / "adapter")  # a full disk: OSError(ENOSPC); the umask's mode
+        if method_state:
+            atomic_torch_save(tmp / "method_state.pt", method_state)  # a full disk: OSError(ENOSPC)
         files = {rel: _file_digest(tmp / rel) for rel in _checksummed_files(tmp)}
         stored = {**record, CHECKSUM_KEY: {"record": _record_digest(record), "files": files}}
         atomic_write_json(tmp / "scores.json", stored)  # last: its presence marks a finished stage

@@ -51,7 +51,7 @@ def stream_from_config(cfg: RunConfig) -> TaskStream:
         from ..data.files import load_stream_file
 
         def tokenizer():  # only chat rows need it, to render their prompts with the chat template
-            return load_base_model(cfg.model, cfg.dtype)[1]
+            return load_base_model(cfg.model, cfg.dtype, trust_remote_code=cfg.trust_remote_code)[1]
 
         stream = load_stream_file(cfg.data, input_field=cfg.input_field, output_field=cfg.output_field,
                                   tokenizer=tokenizer)
@@ -86,7 +86,7 @@ def build_engine(cfg: RunConfig, accelerator, model: Any = None, *, full_logits:
 
     if model is None:
         with accelerator.main_process_first():  # a download or conversion happens once
-            base, tokenizer, kind = load_base_model(cfg.model, cfg.dtype)
+            base, tokenizer, kind = load_base_model(cfg.model, cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     else:
         base, tokenizer = model
         kind = model_kind(base.config)

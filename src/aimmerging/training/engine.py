@@ -3,7 +3,11 @@
 All example lists handed to the engine are *global* (identical on every process); the engine
 shards them over the processes with accelerate and normalises every loss by the number of answer
 tokens of the whole global batch, so one process and N processes compute the same gradients and
-the same loss values (up to floating-point summation order).
+the same loss values (up to floating-point summation order) when LoRA dropout is off. With dropout
+on, each process draws the masks of its own share from its own random stream, which are not the
+masks one process draws for the whole batch: the N-process adapters then differ from the
+one-process ones by more than summation order (tests/test_distributed.py compares them with
+dropout 0).
 
 Every process runs the same sequence of forward passes and collectives: a process whose share
 of a small list is empty (fewer examples than processes) runs a forward pass on a stand-in
@@ -12,7 +16,9 @@ while DDP (or FSDP) sees the same calls on every rank.
 
 A non-finite value never reaches the adapter through an optimizer step: an update whose loss,
 gradient or resulting adapter is not finite (NaN, +-inf) is skipped (see :meth:`Engine._finish_step`),
-and the step reports why (:data:`SKIP_LOSS`, :data:`SKIP_GRADIENT`, :data:`SKIP_UPDATE`).
+and the step reports why (:data:`SKIP_LOSS`, :data:`SKIP_GRADIENT`, :data:`SKIP_UPDATE`); so is an
+update that torch refuses because a scalar of it overflows the parameters' type (a finite but huge
+learning rate or weight decay: :data:`SKIP_OVERFLOW`).
 :data:`FAULTS` is a test hook that injects such faults at chosen steps (off by default).
 """
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import re
 import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
@@ -41,6 +48,7 @@ ExtraLoss = Callable[[LossInputs], Optional[torch.Tensor]]
 SKIP_LOSS = "non-finite loss"
 SKIP_GRADIENT = "non-finite gradient"
 SKIP_UPDATE = "non-finite adapter after the optimizer step"
+SKIP_OVERFLOW = "optimizer step overflowed (a value too large for the parameters' type)"
 
 FAULT_KINDS = ("loss", "gradient", "update")
 Calls = Union[Collection[int], bool]  # call numbers (1-based), or True for every call
@@ -113,6 +121,25 @@ def optimizer_state(optimizer) -> list:
             saved.append((p, {k: v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v)
                               for k, v in state.items()} if state else None))
     return saved
+
+
+_OVERFLOW = re.compile(r"cannot be converted to type \S+ without overflow")
+
+
+def optimizer_step(optimizer) -> bool:
+    """``optimizer.step()``; False when torch refused it because a scalar of the update overflows
+    the parameters' type. AdamW's step size is ``lr / (1 - beta1**t)`` (10 x lr at the first step):
+    a finite learning rate above about 3.4e37 makes ``param.addcdiv_`` raise ``RuntimeError: value
+    cannot be converted to type float without overflow`` (and ``1 - lr * weight_decay`` can do the
+    same to ``param.mul_``), possibly after some parameters and moments were already updated, so
+    the caller must put back the parameters and the optimizer's state. Any other error propagates."""
+    try:
+        optimizer.step()
+    except RuntimeError as e:
+        if not _OVERFLOW.search(str(e)):
+            raise
+        return False
+    return True
 
 
 def restore_optimizer_state(optimizer, saved: list) -> None:
@@ -278,7 +305,9 @@ class Engine:
         * the gradient norm is not finite: no step (:data:`SKIP_GRADIENT`);
         * the adapter is not finite after ``optimizer.step()`` (e.g. 0/0 in Adam with eps 0, an
           infinite learning rate): the adapter *and the optimizer's state* are put back as they
-          were before the step (:data:`SKIP_UPDATE`).
+          were before the step (:data:`SKIP_UPDATE`);
+        * torch refused the step as overflowing (a finite but huge learning rate, see
+          :func:`optimizer_step`): put back the same way (:data:`SKIP_OVERFLOW`).
 
         Either way a skipped step leaves no trace in the adapter or the optimizer (moments and step
         count as before, so Adam's bias correction does not count it), exactly as a step skipped for
@@ -294,12 +323,12 @@ class Engine:
         with torch.no_grad():
             before = [p.detach().clone() for p in self.params]
         state = optimizer_state(optimizer)
-        optimizer.step()
+        stepped = optimizer_step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         if "update" in faults:
             with torch.no_grad():
                 self.params[0].fill_(math.nan)
-        bad = not _all_finite(self.params)
+        bad = not stepped or not _all_finite(self.params)
         if self.accelerator.num_processes > 1:  # the same decision on every process
             bad = self._reduce(float(bad)) > 0
         if bad:
@@ -307,7 +336,7 @@ class Engine:
                 for p, v in zip(self.params, before):
                     p.copy_(v)
             restore_optimizer_state(optimizer, state)
-            return SKIP_UPDATE
+            return SKIP_UPDATE if stepped else SKIP_OVERFLOW
         return None
 
     @torch.no_grad()

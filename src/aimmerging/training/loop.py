@@ -11,12 +11,14 @@ The loop, top to bottom, for each inner step g = 1 .. max_steps:
 4. optionally the validation loss, to keep the best adapter (``--select-best-every``);
 5. one trace record.
 
-A step whose loss, gradient or update is not finite is skipped by the engine (the adapter and the
-optimizer's state stay as they were); its record says why (``skipped``) and the stage's report
+A step whose loss, gradient or update is not finite, or whose update overflows (a finite but huge
+learning rate), is skipped by the engine (the adapter and the optimizer's state stay as they were); its record says why (``skipped``) and the stage's report
 counts it (``skipped_steps``; ``skipped_replay_steps`` for the merges' replay steps). Trace
 records are strict JSON: a non-finite float is written as null.
 
 ``method.before_task`` / ``method.after_task`` / ``method.task_end_adapter`` run around the loop.
+An adapter that is not finite at the end of the stage (a method hook wrote a NaN or inf into it)
+stops the run with one line (:class:`NonFiniteAdapter`) before anything of the stage is saved.
 Methods see the stage through a :class:`StageView` (the ``TrainingView`` of ``methods.base``).
 """
 
@@ -34,6 +36,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from ..data.memory import ReplayMemory
 from ..data.olora import Example
+from ..errors import UserError
 from ..io import json_safe
 from ..methods.base import Method, StageInfo
 from ..models.lora import all_finite, restore, snapshot
@@ -195,7 +198,7 @@ def train_stage(engine: Engine, cfg: TrainSettings, stage: Stage, train: list[Ex
                   "history_loss": None, "delta_in_l1": None}
         if stats["skipped"]:
             skipped += 1
-            record["skipped"] = stats["skipped"]  # non-finite loss, gradient or update (engine.SKIP_*)
+            record["skipped"] = stats["skipped"]  # non-finite loss, gradient, update; overflow (engine.SKIP_*)
         extra = method.after_step(view, record) or []
         if val and cfg.select_best_every and step % cfg.select_best_every == 0:
             with timers.section("validation"):
@@ -222,8 +225,27 @@ def train_stage(engine: Engine, cfg: TrainSettings, stage: Stage, train: list[Ex
         else:  # a non-finite value never reaches the adapter: keep the trained one
             emit({"event": "task_end_adapter", "step": max_steps,
                   "fallback": "trained adapter (non-finite task_end_adapter values dropped)"})
+    _refuse_non_finite_adapter(engine, stage, method)
     return {"steps": max_steps, "merges": merges, "tokens": tokens, "skipped_steps": skipped,
             "skipped_replay_steps": replay_skipped, "best_step": best["step"]}
+
+
+class NonFiniteAdapter(UserError):
+    """A method's hook left a non-finite value in the adapter: the stage is not saved (the run stops
+    before its evaluation and commit, so the same command resumes at it once the cause is fixed)."""
+
+
+def _refuse_non_finite_adapter(engine: Engine, stage: Stage, method: Method) -> None:
+    """The engine's steps and the task-end replacement never write a non-finite value, so one found
+    at the end of a stage came from a method hook writing into the adapter (``after_step``,
+    ``after_task``, ...): stop with one line naming the stage, the method and the tensor."""
+    if all_finite(engine.params):
+        return
+    name = next((n for n, p in engine.peft_model.named_parameters()
+                 if "lora_" in n and not bool(torch.isfinite(p.detach()).all())), "a LoRA tensor")
+    raise NonFiniteAdapter(f"stage {stage.dirname}: method '{method.name}' left a non-finite value (NaN or inf) in "
+                           f"the adapter ({name}) through one of its hooks; the stage was not saved: fix the cause "
+                           "and rerun the same command to resume at this stage")
 
 
 def _extra_loss_hook(method: Method, view: StageView):

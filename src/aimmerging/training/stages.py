@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..data.stream import check_task_name
+
 
 @dataclass
 class Stage:
@@ -23,7 +25,8 @@ class Stage:
 
 
 def stage_dirname(index: int, name: str) -> str:
-    return f"{index:02d}-{name}"
+    """``NN-<name>``; a name that is a path is refused (one line), never joined into one."""
+    return f"{index:02d}-{check_task_name(name)}"
 
 
 def plan_stages(method, tasks: list[str], scope: str) -> list[Stage]:

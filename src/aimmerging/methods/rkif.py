@@ -1,0 +1,130 @@
+"""Recurrent-KIF: Recurrent Knowledge Identification and Fusion (Feng et al., ACL 2025, arXiv
+2502.17510), AIMMerging's direct predecessor, on the LoRA tensors.
+
+For every task after the first (the first has no memory and trains plainly), repeatedly:
+
+1. inner loop: ``rkif_inner_steps`` (Q = 8) task steps; after each, the inner importance EMA of
+   |w * grad| is updated (:class:`aimmerging.fusion.importance.ImportanceEMA`);
+2. outer loop: theta_k <- theta; ``rkif_outer_steps`` (4) replay updates on random memory
+   batches, each followed by an update of the outer importance EMA;
+3. fusion: with M_in, M_out the top ``rkif_keep`` (20 %) masks of the inner and outer importance
+   over all LoRA entries, theta <- anchor + W_in * (theta_k - anchor) + W_out * (theta - theta_k)
+   (``fusion.importance.fuse_masked_in_place``: weight 1 for the one task vector whose mask
+   selects an entry, 0.4/0.6 where both do, 0.5/0.5 where neither does); anchor <- theta; the
+   inner EMA is emptied, the outer one kept.
+
+Constants and their sources. Q = 8, 4 outer steps, the 2 % memory: the paper and its training
+script (``--inner_iterations=8 --outer_iterations=4``). beta1 = beta2 = 0.85, top 20 % (the 0.8
+quantile), the 0.4/0.6 and 0.5/0.5 weights, the score = sensitivity EMA x uncertainty EMA, the
+global (not per-tensor) threshold, the inner EMA emptied at every fusion and the outer one kept
+for the whole task (``--empty_inner_score_flag=1``, ``empty_outer_score_flag`` 0 by default): the
+Recurrent-KIF code (``utils/lora_importance_bilevel.py``, ``trainer.py``), read, not copied.
+
+Choices where the paper is silent, and how they follow the code:
+
+* the importance of a step uses the parameters after the optimizer step and that step's gradient
+  after clipping, taken from a post-step hook on the optimizer (the code updates the scores right
+  after ``optimizer.step()``, before ``zero_grad``); a step the engine skips (non-finite loss or
+  gradient) updates nothing, and a non-finite |w * g| is not folded in;
+* the replay updates use the task's own optimizer at its current learning rate, without stepping
+  its LR schedule, with the loss divided by the accumulation steps, as the code does (it builds an
+  ``outer_lr`` optimizer but steps the inner one); memory batches have ``--memory-batch-size``
+  examples (the code: 8), a fresh random draw each;
+* a fusion happens after every Q-th step of the task (step % Q == 0, counted from the task start);
+  the steps after the last multiple of Q stay in the adapter unfused, as in the code;
+* the memory and its sampling are the harness's (``--memory-ratio``), as for every replay method.
+
+Nothing outlives a stage (the EMAs start empty at every task, as each task of the reference is a
+fresh process), so there is no ``state_dict``. Every fusion adds a ``{"event": "fusion", ...}``
+record with the replay loss, the entries the inner mask selects (``selected``), those both masks
+select (``overlap``) and any fallback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..fusion.importance import ImportanceEMA, fuse_masked_in_place, top_fraction_masks
+from ..models.lora import restore, snapshot
+from ..settings import option
+from . import register_method
+from .base import Method
+
+
+@dataclass
+class RKIFSettings:
+    rkif_inner_steps: int = option(8, "rkif: task steps between two fusions (the inner loop, Q)", maximum=100_000)
+    rkif_outer_steps: int = option(4, "rkif: replay updates on memory batches before each fusion (the outer loop)",
+                                   maximum=100_000)
+    rkif_beta1: float = option(0.85, "rkif: EMA coefficient of the sensitivity |w * grad|")
+    rkif_beta2: float = option(0.85, "rkif: EMA coefficient of the uncertainty |(|w * grad|) - sensitivity|")
+    rkif_keep: float = option(0.2, "rkif: fraction of all LoRA entries each importance mask selects")
+
+    def __post_init__(self) -> None:
+        if not self.rkif_inner_steps >= 1:
+            raise ValueError("rkif_inner_steps: must be >= 1")
+        if not self.rkif_outer_steps >= 0:
+            raise ValueError("rkif_outer_steps: must be >= 0")
+        for name in ("rkif_beta1", "rkif_beta2"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be in (0, 1)")
+        if not 0 < self.rkif_keep <= 1:
+            raise ValueError("rkif_keep: must be in (0, 1]")
+
+
+@register_method
+class RecurrentKIF(Method):
+    name = "rkif"
+    paper = "Recurrent-KIF (ACL 2025, arXiv 2502.17510)"
+    summary = ("every Q task steps, replay steps on memory, then an importance-masked fusion of the task and "
+               "replay updates (top-k masks of EMA abs(w * grad); --rkif-inner-steps, --rkif-outer-steps)")
+    Settings = RKIFSettings
+    uses_memory = True
+
+    def before_task(self, view) -> None:
+        self.active = bool(view.memory)
+        if not self.active:
+            return
+        s = self.settings
+        self.inner, self.outer = ImportanceEMA(s.rkif_beta1, s.rkif_beta2), ImportanceEMA(s.rkif_beta1, s.rkif_beta2)
+        self.phase: Optional[ImportanceEMA] = self.inner
+        self.hook = view.optimizer.register_step_post_hook(self._after_optimizer_step(view.params))
+        self.anchor = snapshot(view.params)
+
+    def _after_optimizer_step(self, params):
+        def hook(optimizer, args, kwargs) -> None:
+            if self.phase is not None:
+                self.phase.update(params, [p.grad for p in params])
+        return hook
+
+    def after_step(self, view, record):
+        if not self.active or view.step % self.settings.rkif_inner_steps:
+            return None
+        with view.timed("bookkeeping"):
+            theta_k = snapshot(view.params)
+        self.phase = self.outer
+        with view.timed("replay"):
+            losses = [view.update(view.memory.sample(view.rng("replay"), view.memory_batch_size), view.optimizer,
+                                  1.0 / view.grad_accum) for _ in range(self.settings.rkif_outer_steps)]
+        self.phase = self.inner
+        with view.timed("bookkeeping"):
+            keep = self.settings.rkif_keep
+            m_in = top_fraction_masks(self.inner.scores(view.params), keep)
+            m_out = top_fraction_masks(self.outer.scores(view.params), keep)
+            fallback = None
+            if not fuse_masked_in_place(view.params, self.anchor, theta_k, m_in, m_out):
+                restore(view.params, theta_k)
+                fallback = "theta_k (non-finite fusion: replay update dropped)"
+            self.anchor = snapshot(view.params)
+            self.inner.reset()
+        done = [x for x in losses if x is not None]
+        return [{"event": "fusion", "step": view.step, "replay_loss": sum(done) / len(done) if done else None,
+                 "replay_skipped": len(losses) - len(done), "selected": int(sum(m.sum() for m in m_in)),
+                 "overlap": int(sum((a * b).sum() for a, b in zip(m_in, m_out))), "fallback": fallback}]
+
+    def after_task(self, view):
+        if self.active:
+            self.hook.remove()
+            self.active = False
+        return None
