@@ -33,3 +33,12 @@ def tiny_args(out: Path, data: Path, model: str = "tiny-causal", method: str = "
         else:
             args += [flag, str(value)]
     return args
+
+def one_line_error(rc: int, err: list[str], *expected: str) -> str:
+    """The one error line of a refused command (exit 2), holding every ``expected`` text."""
+    assert rc == 2, err
+    assert len(err) == 1, err
+    assert err[0].startswith("aimmerging: error: ")
+    for text in expected:
+        assert text in err[0], err[0]
+    return err[0]

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import one_line_error
+
 from aimmerging.cli.main import main
 from aimmerging.errors import ConfigError, DataError, UserError
 from test_cli_errors import base_args, make_data, run_cli
@@ -22,14 +24,7 @@ BAD_NAMES = ["x/../../../escaped/pwn", "x/../../../victim/../data", "../../esc/p
              "a/b", "a\\b", "a..b/c", "nul\x00byte", "tab\tname", "new\nline", "bell\x07", "", " "]
 
 
-def _one_line(rc: int, err: list[str], *expected: str) -> str:
-    assert rc == 2, err
-    assert len(err) == 1, err
-    assert err[0].startswith("aimmerging: error: ")
-    for text in expected:
-        assert text in err[0], err[0]
-    return err[0]
-
+_one_line = one_line_error
 
 def _tree(root: Path, skip: Path | None = None) -> dict[str, bytes | None]:
     """Every path under ``root`` (but ``skip``'s subtree) with its content (None: a directory)."""

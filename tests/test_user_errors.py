@@ -10,18 +10,13 @@ import os
 
 import pytest
 
+from helpers import one_line_error
+
 from aimmerging.cli.main import main
 from test_cli_errors import base_args, make_data, run_cli
 
 
-def _one_line(rc: int, err: list[str], *expected: str) -> str:
-    assert rc == 2, err
-    assert len(err) == 1, err
-    assert err[0].startswith("aimmerging: error: ")
-    for text in expected:
-        assert text in err[0], err[0]
-    return err[0]
-
+_one_line = one_line_error
 
 # -- 5. every option checked before anything is written ---------------------------------------------
 
