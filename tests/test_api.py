@@ -102,7 +102,7 @@ def test_bad_settings_are_one_line_errors(settings, message):
 def test_unknown_method_and_bad_stream_are_one_line_errors():
     with pytest.raises(ConfigError, match="unknown method 'magic'"):
         aimmerging.run(STREAM, method="magic", model="tiny-causal")
-    with pytest.raises(aimmerging.DataError, match="field 'output' missing"):
+    with pytest.raises(aimmerging.DataError, match="missing column 'output'"):
         aimmerging.run({"t": {"train": [{"input": "x"}], "test": [{"input": "x", "output": "y"}]}}, model="tiny-causal")
 
 

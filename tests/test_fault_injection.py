@@ -292,3 +292,22 @@ def test_a_non_finite_task_end_adapter_is_not_applied():
     assert [r["fallback"] for r in result.trace if r["event"] == "task_end_adapter"] == [
         "trained adapter (non-finite task_end_adapter values dropped)"]
     assert all(bool(p.isfinite().all()) for n, p in result.model.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize("case", ["overflow", "gradient", "disagree", "fine"])
+def test_guarded_step_by_hand(case):
+    """The one guarded step of both hosts on two tensors: each skip reason, and nothing changed."""
+    from aimmerging.training.engine import SKIP_GRADIENT, SKIP_OVERFLOW, SKIP_UPDATE, guarded_step
+
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.zeros(2))]
+    opt = torch.optim.AdamW(params, lr=1e38 if case == "overflow" else 0.1)
+    for p in params:
+        p.grad = torch.full_like(p, math.nan if case == "gradient" else 0.5)
+    before = [p.detach().clone() for p in params]
+    norm = lambda: torch.nn.utils.clip_grad_norm_(params, 1.0)
+    got = guarded_step(params, opt, norm, (lambda bad: True) if case == "disagree" else bool)
+    want = {"overflow": SKIP_OVERFLOW, "gradient": SKIP_GRADIENT, "disagree": SKIP_UPDATE, "fine": None}[case]
+    assert got == want and all(p.grad is None for p in params)
+    unchanged = all(torch.equal(p, b) for p, b in zip(params, before))
+    assert unchanged == (case != "fine")
+    assert (opt.state == {} or all(not s for s in opt.state.values())) == (case != "fine")

@@ -95,6 +95,21 @@ def trainer_args(out, **kw):
     return TrainingArguments(str(out), **values)
 
 
+def second_task_callback(model, tok, data, out, max_steps: int):
+    """A Trainer on codes-b with an AIMMergingCallback whose memory is 6 codes-a rows, trained."""
+    from transformers import Trainer
+
+    from aimmerging.hf import AIMMergingCallback, PadCollator, tokenize_examples
+
+    trainer = Trainer(model=model, args=trainer_args(out, max_steps=max_steps),
+                      train_dataset=tokenize_examples(data["codes-b"][0], tok),
+                      data_collator=PadCollator(tok.pad_token_id))
+    cb = AIMMergingCallback.for_trainer(trainer, tokenize_examples(data["codes-a"][0][:6], tok), task="codes-b",
+                                        task_index=1, memory_batch_size=3, **CONTROLLER)
+    trainer.train()
+    return cb
+
+
 def merge_decisions(records, task):
     return [{k: r[k] for k in DECISION_KEYS} for r in records if r["event"] == "merge" and r["task"] == task]
 
@@ -254,9 +269,7 @@ def test_parity_with_runner(tmp_path, capsys):
 # -- edge cases ---------------------------------------------------------------------------------------------------
 
 def test_non_finite_probe_is_null_and_not_fed(tmp_path, monkeypatch, capsys):
-    from transformers import Trainer
-
-    from aimmerging.hf import AIMMergingCallback, PadCollator, tokenize_examples
+    from aimmerging.hf import AIMMergingCallback
 
     model, tok = peft_tiny()
     data = synthetic(n_train=24)
@@ -268,12 +281,7 @@ def test_non_finite_probe_is_null_and_not_fed(tmp_path, monkeypatch, capsys):
         return math.nan if calls["n"] == 2 else real(self, model)
 
     monkeypatch.setattr(AIMMergingCallback, "_probe", flaky)
-    trainer = Trainer(model=model, args=trainer_args(tmp_path, max_steps=6),
-                      train_dataset=tokenize_examples(data["codes-b"][0], tok),
-                      data_collator=PadCollator(tok.pad_token_id))
-    cb = AIMMergingCallback.for_trainer(trainer, tokenize_examples(data["codes-a"][0][:6], tok), task="codes-b",
-                                        task_index=1, memory_batch_size=3, **CONTROLLER)
-    trainer.train()
+    cb = second_task_callback(model, tok, data, tmp_path, max_steps=6)
     steps = [r for r in cb.records if r["event"] == "step"]
     assert steps[1]["history_loss"] is None and steps[1]["probe_skipped"] == "non-finite history loss"
     assert all(r["history_loss"] is not None for i, r in enumerate(steps) if i != 1)
@@ -358,3 +366,19 @@ def test_two_processes_bit_identical(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     lines = (out / "run" / "trace.jsonl").read_text().splitlines()
     assert len(lines) == len(dumps[0]["records"])  # written once, by the main process
+
+
+def test_an_overflowing_replay_step_is_skipped_as_in_the_engine(tmp_path):
+    """The callback's replay steps go through the engine's guarded step (``guarded_step``): a
+    learning rate so large that torch refuses the update as overflowing skips the step and leaves
+    the adapter as it was (the callback used to raise there)."""
+    from aimmerging.models.lora import lora_parameters, snapshot
+
+    model, tok = peft_tiny()
+    cb = second_task_callback(model, tok, synthetic(n_train=8), tmp_path, max_steps=1)
+    before = snapshot(lora_parameters(model))
+    for group in cb._optimizer.param_groups:
+        group["lr"] = 1e38
+    model.train()
+    assert cb._replay_step(model) is None
+    assert all(torch.equal(p, b) for p, b in zip(lora_parameters(model), before))

@@ -5,10 +5,8 @@ uninterrupted run ended (method state through state_dict / load_state_dict)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import random
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +28,9 @@ from aimmerging.models.loading import tiny_model
 from aimmerging.models.lora import lora_parameters, snapshot
 from aimmerging.runs.process import make_accelerator
 from aimmerging.runs.runner import build_engine
+from aimmerging.training.engine import Timers
+from aimmerging.training.loop import StageView, TrainSettings
+from aimmerging.training.stages import Stage
 
 from helpers import stage_adapters, tiny_args
 
@@ -37,16 +38,19 @@ MODELS = ("tiny-causal", "tiny-seq2seq")
 
 
 # -- a real engine on a tiny model and a stand-in for the training loop's view ---------------------------------
+CFG = dict(max_input_tokens=48, micro_batch_size=4, threads=1)
+
+
 @pytest.fixture(scope="module", params=MODELS)
 def engine(request):
-    cfg = build_config(overrides=dict(model=request.param, max_input_tokens=48, micro_batch_size=4, threads=1))
-    return build_engine(cfg, make_accelerator("no")).engine
+    return build_engine(build_config(overrides=dict(model=request.param, **CFG)), make_accelerator("no")).engine
 
 
-def _view(engine, index: int = 1, task: str = "b", memory=()) -> SimpleNamespace:
-    return SimpleNamespace(stage=StageInfo(index, task, (task,)), step=0, params=engine.params, model=engine.peft_model,
-                           memory=ReplayMemory(memory), timed=lambda _: contextlib.nullcontext(), emit=lambda r: None,
-                           rng=lambda name: random.Random(name))
+def _view(engine, index: int = 1, task: str = "b", memory=()) -> StageView:
+    """The training loop's own view of a stage (its forward, log, timers), outside the loop."""
+    settings = TrainSettings.from_config(build_config(overrides=CFG))
+    stage = Stage(index, task, [task], row=index)
+    return StageView(engine, settings, stage, ReplayMemory(memory), 1, None, Timers(), lambda r: None)
 
 
 def _examples(task: str, n: int) -> list[Example]:
@@ -65,7 +69,7 @@ def _backward(engine, examples, method, view) -> list:
         terms.append(term)
         return term
 
-    engine.backward(examples, 1.0, sync=True, extra_loss=hook)
+    engine.backward(examples, 1.0, sync=True, extra_loss=hook, hidden_states=bool(method.training_hidden_states))
     return terms
 
 
@@ -79,6 +83,42 @@ def _nudge(params, seed: int, size: float = 0.05) -> None:
 def _zero_grads(params) -> None:
     for p in params:
         p.grad = None
+
+
+# -- the view's forward pass -------------------------------------------------------------------------------------
+def test_view_forward_rows_adapter_modes_and_gradients(engine):
+    """``view.forward``: some rows line up with the whole batch's; another adapter's values hold for
+    the pass only and the trained ones come back bit for bit; the model's mode comes back; gradients
+    only when asked; per-step terms are averaged by the view."""
+    view = _view(engine)
+    examples = _examples("b", 4)
+    params, start = engine.params, snapshot(engine.params)
+    engine.model.train()
+    try:
+        full = view.forward(examples)
+        part = view.forward(examples, rows=[1, 3])
+        assert engine.model.training and not full.logits.requires_grad
+        torch.testing.assert_close(part.logits, full.logits[[1, 3]], rtol=1e-5, atol=1e-6)
+        assert torch.equal(part.labels, full.labels[[1, 3]])
+        _nudge(params, seed=3)
+        moved = snapshot(params)
+        again = view.forward(examples, adapter=start)
+        assert torch.equal(again.logits, full.logits)  # the same values, the same batch: the same bits
+        assert all(torch.equal(p, m) for p, m in zip(params, moved))
+        assert not torch.equal(view.forward(examples).logits, full.logits)
+        out = view.forward(examples, rows=[0], grad=True)
+        grads = torch.autograd.grad(out.loss, params, allow_unused=True)
+        assert any(g is not None and float(g.abs().sum()) > 0 for g in grads)
+        assert all(p.grad is None for p in params)
+        hidden = view.forward(examples, hidden_states=True).hidden
+        assert hidden and all(len(states) == 2 for states, _ in hidden)  # two layers after the embeddings
+        view.log("term", 1.0)
+        view.log("term", 3.0)
+        assert view.step_terms() == {"term": 2.0} and view.step_terms() == {}
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, start):
+                p.copy_(s)
 
 
 # -- EWC -------------------------------------------------------------------------------------------------------
@@ -148,7 +188,7 @@ def test_ewc_fisher_is_the_mean_squared_gradient_of_each_examples_answer_loss(en
     want = [torch.zeros_like(p) for p in engine.params]
     engine.model.eval()
     for e in examples[1:]:  # each example alone, through the engine's own forward
-        loss_sum, _, labels = engine._local_forward([e])
+        loss_sum, _, labels, _ = engine._local_forward([e])
         grads = torch.autograd.grad(loss_sum / (labels != -100).sum(), engine.params, allow_unused=True)
         for w, g in zip(want, grads):
             if g is not None:
@@ -158,7 +198,7 @@ def test_ewc_fisher_is_the_mean_squared_gradient_of_each_examples_answer_loss(en
     for f, w in zip(fisher, want):
         torch.testing.assert_close(f, w, rtol=1e-3, atol=1e-10)
     ewc.task_end_adapter(view)
-    assert ewc.recorder is None and len(ewc.fishers) == 1
+    assert not ewc.kept and len(ewc.fishers) == 1
 
 
 # -- LwF -------------------------------------------------------------------------------------------------------
@@ -201,10 +241,10 @@ def test_lwf_term_is_zero_for_the_teacher_itself_positive_once_the_student_moved
         with torch.no_grad():
             for p, s in zip(params, start):
                 p.copy_(s)
-            _, teacher_logits, _ = engine._local_forward(examples)
+            _, teacher_logits, _, _ = engine._local_forward(examples)
             for p, m in zip(params, moved):
                 p.copy_(m)
-        loss_sum, logits, labels = engine._local_forward(examples)
+        loss_sum, logits, labels, _ = engine._local_forward(examples)
         mask = labels != -100
         want_term = 0.7 * distillation_kl(logits, teacher_logits, mask, 2.0)
         assert float(term.detach()) == pytest.approx(float(want_term.detach()), rel=1e-5)
@@ -218,14 +258,14 @@ def test_lwf_term_is_zero_for_the_teacher_itself_positive_once_the_student_moved
         with torch.no_grad():
             for p, s in zip(params, start):
                 p.copy_(s)
-    assert not engine.peft_model._forward_pre_hooks  # the recorder's hook is gone
+    assert not engine.peft_model._forward_pre_hooks  # no hooks: the teacher pass is view.forward
 
 
 def test_lwf_does_nothing_on_the_first_task(engine):
     lwf = LwF(LwFSettings())
     view = _view(engine, index=0, task="a")
     lwf.before_task(view)
-    assert lwf.teacher is None and lwf.recorder is None
+    assert lwf.teacher is None
     assert _backward(engine, _examples("a", 2), lwf, view) == [None]
     _zero_grads(engine.params)
 

@@ -19,17 +19,17 @@ from aimmerging.data.memory import ReplayMemory
 from aimmerging.data.olora import Example
 from aimmerging.fusion.importance import (ImportanceEMA, fuse_masked_in_place, importance_mask, quantile,
                                           top_fraction_masks)
-from aimmerging.methods.forever import Forever, ForeverSettings, ModelClock, intensity_multiplier
+from aimmerging.methods.forever import Forever, ForeverSettings, ModelClock, intensity_factor
 from aimmerging.methods.rkif import RecurrentKIF, RKIFSettings
-from aimmerging.methods.vbm import VBM, ForgettingCurveSchedule, VBMSettings
+from aimmerging.methods.vbm import VBM, EbbinghausSchedule, VBMSettings, ebbinghaus_day
 
 from helpers import stage_adapters, tiny_args
 
 
 class StandInView:
     """The training loop's view, reduced to what these methods touch: a LoRA-like parameter, one
-    memory example, and ``update`` recorded instead of run (it moves the parameter by ``replay_move``
-    so that a clock counting replay updates would show it)."""
+    memory example, and ``update`` recorded instead of run (with the value of its penalty, then a
+    move of every entry by ``replay_move``, so that a clock counting replay updates would show it)."""
 
     def __init__(self, params, replay_move: float = 100.0):
         self.params, self.step, self.grad_accum, self.memory_batch_size = params, 0, 1, 1
@@ -43,8 +43,9 @@ class StandInView:
     def timed(self, category):
         return contextlib.nullcontext()
 
-    def update(self, examples, optimizer, loss_scale):
-        self.updates.append((self.step, optimizer.param_groups[0]["lr"]))
+    def update(self, examples, optimizer, loss_scale, penalty=None):
+        value = None if penalty is None else float(penalty().detach())
+        self.updates.append((self.step, optimizer.param_groups[0]["lr"], value))
         with torch.no_grad():
             for p in self.params:
                 p.add_(self.replay_move)
@@ -65,67 +66,75 @@ def _run_steps(method, view, moves):
 
 
 # -- FOREVER's model-time clock and schedule ------------------------------------------------------------------
-def test_model_clock_counts_steps_while_calibrating_then_update_magnitudes_over_the_calibration_mean():
-    """Window 3, magnitudes 0, 2, 4 (the first is a learning-rate-0 warm-up step), then 1, 6, 3:
-    the unit is mean(2, 4) = 3, so the clock reads 1, 2, 3, 3 + 1/3, 3 + 1/3 + 2, 3 + 1/3 + 3.
-    Catches: dividing by the window instead of the steps that moved (unit 2), an off-by-one in the
-    window (the unit taken after 2 steps), counting magnitudes instead of steps while calibrating."""
+def test_model_clock_sums_update_norms_and_takes_the_window_sum_as_one_day():
+    """Window 3, update norms 0, 2, 4 (the first a learning-rate-0 warm-up step), then 1, 6, 3: model
+    time 0, 2, 6, 7, 13, 16; one day = tau after step 3 = 6; baseline intensity mu_0 = 6 / 3 = 2 (the
+    zero step counts: the paper's mean is over the S window steps). Catches: a mean over the steps
+    that moved (mu_0 = 3), an off-by-one in the window (a day of 2), a day taken as the mean (2)."""
     clock = ModelClock(window=3)
     times = [clock.tick(u) for u in (0.0, 2.0, 4.0, 1.0, 6.0, 3.0)]
-    assert clock.unit == 3.0
-    assert times == pytest.approx([1, 2, 3, 3 + 1 / 3, 5 + 1 / 3, 6 + 1 / 3], abs=1e-12)
-    stuck = ModelClock(window=2)  # nothing moved in the window: calibration goes on until something does
-    assert [stuck.tick(u) for u in (0.0, 0.0, 0.0, 5.0, 5.0)] == [1, 2, 3, 4, 5] and stuck.unit == 5.0
+    assert times == pytest.approx([0, 2, 6, 7, 13, 16], abs=1e-12)
+    assert clock.day == 6.0 and clock.baseline == 2.0
+    stuck = ModelClock(window=2)  # nothing moved in the window: it goes on until something does
+    assert [stuck.tick(u) for u in (0.0, 0.0, 0.0, 5.0, 5.0)] == [0, 0, 0, 5, 10]
+    assert stuck.day == 5.0 and stuck.baseline == 5.0 / 4
 
 
-def test_forgetting_curve_schedule_replays_when_retention_reaches_one_over_e():
-    """Strength 3 on the model times of the clock test: due at 3.0 (retention exactly 1/e), not at
-    5.33 (2.33 since), due at 6.33. Catches: '>' for '>=' (no replay at 3.0), measuring from the
-    step rather than the clock at the last replay, a retention of exp(-S / elapsed)."""
-    schedule = ForgettingCurveSchedule(3.0)
+def test_ebbinghaus_schedule_replays_after_1_2_4_7_15_30_days_then_doubling():
+    """A day of 1 on a clock going 1, 2, ..., 70: replays at 1, 2, 4, 7, 15, 30, 60 (days doubling
+    after 30); a clock jumping from 0 to 5 in one step replays once and next at 7. Catches: uniform
+    spacing (replays at every day), '>' for '>=' (no replay at 1), a replay per day passed."""
+    schedule = EbbinghausSchedule()
     fired = []
-    for clock in (1, 2, 3, 3 + 1 / 3, 5 + 1 / 3, 6 + 1 / 3):
-        if schedule.due(clock):
-            assert schedule.retention(clock) <= math.exp(-1) + 1e-12
-            fired.append(clock)
-            schedule.replayed(clock)
-    assert fired == pytest.approx([3, 6 + 1 / 3])
-    assert schedule.retention(6 + 1 / 3 + 1.5) == pytest.approx(math.exp(-0.5))
+    for clock in range(1, 71):
+        if schedule.due(float(clock), 1.0):
+            fired.append((clock, schedule.replayed(float(clock), 1.0)))
+    assert fired == [(1, 1), (2, 2), (4, 4), (7, 7), (15, 15), (30, 30), (60, 60)]
+    assert ebbinghaus_day(7) == 120
+    burst = EbbinghausSchedule()
+    assert burst.due(5.0, 1.0) and burst.replayed(5.0, 1.0) == 4 and not burst.due(6.9, 1.0) and burst.due(7.0, 1.0)
+    assert not EbbinghausSchedule().due(1e9, None)  # no day yet (FOREVER's window not over): never due
 
 
-def test_forever_replays_in_model_time_with_an_intensity_scaled_learning_rate():
-    """S = 2, lambda = 0.25, beta_base = 1e-3, one replay update per replay; the parameter moves by
-    0, 2, 4, 1, 20 in steps 1-5 (each replay moves it by 100 more). By hand: unit = 2 (only step 2
-    moved in the window); model time 1, 2, 4, 4.5, 14.5 -> replays after steps 2, 3 and 5;
-    intensity 1 until calibrated, then 0.75 * 1 + 0.25 * 2 = 1.25 (step 3), 0.75 * 1.25 + 0.25 *
-    0.5 = 1.0625 (step 4), 0.75 * 1.0625 + 0.25 * 10 = 3.297 (step 5), clipped to 3: learning rates
-    1e-3, 1.25e-3, 3e-3. Catches: the EMA's coefficients swapped (1.75 at step 3), no clip,
-    replay updates counted as model time (a 100-unit jump), the schedule in steps (replays at 2, 4)."""
-    method = Forever(ForeverSettings(forever_interval=2, forever_lambda=0.25, forever_beta_base=1e-3,
+def test_forever_replays_in_model_days_with_an_intensity_weighted_l2_anchor():
+    """S = 2, lambda = 0.25, beta_base = 1e-3, one replay update per replay; the first entry of the
+    parameter moves by 0, 2, 4, 1, 20 in steps 1-5 (each replay moves both entries by 100 more). By
+    hand: model time 0, 2, 6, 7, 27 (replays not counted); a day = 2, mu_0 = 2 / 2 = 1; thresholds 2,
+    4, 8, 14, 30 -> replays after step 2 (day 1), step 3 (day 2), step 5 (days 4 and 7 at once). The
+    EMA: 1 (step 2), 0.75 + 0.25 * 4 = 1.75, 0.75 * 1.75 + 0.25 = 1.5625, 0.75 * 1.5625 + 0.25 * 20 =
+    6.171875 -> clipped to 3. Anchor weights 1e-3, 1.75e-3, 3e-3 on the squared distance to the
+    task's starting adapter (0, 0): 2^2 = 4, 106^2 + 100^2 = 21236, 227^2 + 200^2 = 91529; the
+    replay learning rate stays 1e-3. Catches: beta used as a learning rate, the EMA's coefficients
+    swapped (3.25 at step 3), mu_0 over the steps that moved (2), no clip, the anchor at the last
+    replay or step instead of the task start, replay updates counted as model time."""
+    method = Forever(ForeverSettings(forever_window=2, forever_lambda=0.25, forever_beta_base=1e-3,
                                      forever_replay_steps=1))
     view = StandInView([torch.nn.Parameter(torch.zeros(2))])
     records = _run_steps(method, view, [0.0, 2.0, 4.0, 1.0, 20.0])
-    assert [r["model_time"] for r, _ in records] == pytest.approx([1, 2, 4, 4.5, 14.5])
-    assert [r["intensity"] for r, _ in records] == pytest.approx([1, 1, 1.25, 1.0625, 3.296875])
+    assert [r["model_time"] for r, _ in records] == pytest.approx([0, 2, 6, 7, 27])
+    assert [r["model_days"] for r, _ in records] == [None, 1, 3, 3.5, 13.5]
+    intensity = [r["intensity"] for r, _ in records]
+    assert intensity[0] is None and intensity[1:] == pytest.approx([1, 1.75, 1.5625, 6.171875])
     assert [r["update_norm"] for r, _ in records] == pytest.approx([0, 2, 4, 1, 20])
-    assert view.updates == [(2, pytest.approx(1e-3)), (3, pytest.approx(1.25e-3)), (5, pytest.approx(3e-3))]
     replays = [extra[0] for _, extra in records if extra]
-    assert [r["step"] for r in replays] == [2, 3, 5] and all(r["event"] == "replay" for r in replays)
-    assert intensity_multiplier(0.1) == 0.5 and intensity_multiplier(1.7) == 1.7 and intensity_multiplier(9) == 3.0
+    assert [(r["step"], r["day"]) for r in replays] == [(2, 1), (3, 2), (5, 7)]
+    assert [r["anchor_weight"] for r in replays] == pytest.approx([1e-3, 1.75e-3, 3e-3])
+    assert [(step, lr) for step, lr, _ in view.updates] == [(2, 1e-3), (3, 1e-3), (5, 1e-3)]
+    assert [value for _, _, value in view.updates] == pytest.approx([4e-3, 1.75e-3 * 21236, 3e-3 * 91529])
+    assert intensity_factor(0.1) == 0.5 and intensity_factor(1.7) == 1.7 and intensity_factor(9) == 3.0
+    assert intensity_factor(2.0, gamma=0.5) == 1.5
 
 
-def test_vbm_replays_every_s_steps_whatever_the_updates():
-    """S = 3 over 8 steps with very uneven updates: replays after steps 3 and 6 (retention 1/e),
-    each of 2 updates at the fixed replay LR. Catches: an off-by-one (replays after 4 and 8, or a
-    replay at step 0/1), the clock following the update sizes, the LR changing between replays."""
+def test_vbm_replays_after_1_2_4_ebbinghaus_days_of_s_steps_whatever_the_updates():
+    """S = 3 over 13 steps with very uneven updates: replays after steps 3, 6 and 12 (days 1, 2, 4;
+    not 9), each of 2 updates at the fixed replay LR and with no anchor. Catches: uniform spacing (a
+    replay at 9), an off-by-one (replays after 4, 7, 13), the clock following the update sizes."""
     method = VBM(VBMSettings(vbm_interval=3, vbm_replay_steps=2, vbm_lr=5e-4))
     view = StandInView([torch.nn.Parameter(torch.zeros(2))])
-    records = _run_steps(method, view, [0.0, 50.0, 0.1, 0.0, 9.0, 0.2, 1.0, 30.0])
+    records = _run_steps(method, view, [0.0, 50.0, 0.1, 0.0, 9.0, 0.2, 1.0, 30.0, 0.0, 2.0, 0.0, 7.0, 1.0])
     replays = [extra[0] for _, extra in records if extra]
-    assert [r["step"] for r in replays] == [3, 6]
-    assert all(r["retention"] == pytest.approx(math.exp(-1)) for r in replays)
-    assert view.updates == [(3, 5e-4), (3, 5e-4), (6, 5e-4), (6, 5e-4)]
-    assert not ForgettingCurveSchedule(3).due(2.999) and ForgettingCurveSchedule(3).due(3)
+    assert [(r["step"], r["day"], r["anchor_weight"]) for r in replays] == [(3, 1, 0), (6, 2, 0), (12, 4, 0)]
+    assert view.updates == [(3, 5e-4, None)] * 2 + [(6, 5e-4, None)] * 2 + [(12, 5e-4, None)] * 2
 
 
 def test_replay_methods_do_nothing_without_memory():
@@ -220,7 +229,7 @@ def test_rkif_feeds_inner_and_outer_importance_from_the_optimizer_steps():
 
 
 # -- end to end through the CLI, and a resume of the last stage -------------------------------------------------
-FAST = {"forever": {"forever_interval": 2}, "vbm": {"vbm_interval": 2},
+FAST = {"forever": {"forever_window": 2}, "vbm": {"vbm_interval": 2},
         "rkif": {"rkif_inner_steps": 2, "rkif_outer_steps": 2}}
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from aimmerging.cli.main import main
+from aimmerging.errors import UserError
 from aimmerging.runs.rundir import CHECKSUM_KEY, LOCK_NAME, RunDirectory
 
 from helpers import TASKS, tiny_args
@@ -426,3 +427,40 @@ def test_keep_lock_holds_the_directory_for_the_caller(tmp_path, data_dir, capsys
     finally:
         rd.unlock()
     assert _lock_is_free(out) and not (out / LOCK_NAME).exists()
+
+
+# -- one place for the layout; the bench's shared stages go through the run directory's commit -------------
+
+def test_no_module_outside_runs_spells_a_run_directory_file_name():
+    """Every file name of a run directory is spelled in ``runs/layout.py`` only (plots, hf, bench,
+    the study report and the demo build their paths through it)."""
+    from aimmerging.runs import layout
+
+    names = [layout.CONFIG, layout.RESULTS, layout.TRACE, layout.SUMMARY, layout.SCORES, layout.METHOD_STATE,
+             layout.BENCH_FILE, layout.THROUGHPUT]
+    src = Path(layout.__file__).resolve().parents[1]
+    spelled = []
+    for path in src.rglob("*.py"):
+        if path.parent.name == "runs":
+            continue
+        text = path.read_text(encoding="utf-8")
+        spelled += [f"{path.relative_to(src)}: {name}" for name in names
+                    if f'"{name}"' in text or f"'{name}'" in text or f'/ "{name}' in text]
+        spelled += [f"{path.relative_to(src)}: {d}" for d in (layout.STAGES, layout.PREDICTIONS, layout.PLOTS)
+                    if f'/ "{d}"' in text]
+    assert spelled == []
+
+
+def test_copy_stage_verifies_the_source_and_commits_like_a_stage(finished, tmp_path, capsys):
+    source = _copy(finished, tmp_path / "source")
+    target = RunDirectory(tmp_path / "target")
+    (tmp_path / "target").mkdir()
+    assert target.copy_stage(RunDirectory(source), "00-dbpedia")
+    assert (tmp_path / "target" / "stages" / "00-dbpedia" / "scores.json").is_file()
+    assert not list((tmp_path / "target" / "stages").glob(".tmp-*"))
+    assert not target.copy_stage(RunDirectory(source), "00-dbpedia")  # already there: left alone
+    assert RunDirectory(tmp_path / "target").finished("00-dbpedia") is not None
+    _damage(source / "stages" / "01-amazon" / "trace.jsonl", "half")
+    with pytest.raises(UserError) as refused:
+        target.copy_stage(RunDirectory(source), "01-amazon")
+    assert "01-amazon" in str(refused.value) and not (tmp_path / "target" / "stages" / "01-amazon").exists()

@@ -129,7 +129,8 @@ def test_interval_contains_point_and_shrinks_with_more_examples():
 def test_identical_method_is_an_exact_tie(study: Path):
     d = build_study_report(study, B=B)["differences"]["seq"]  # aimmerging has the same scores (other files)
     for k in ("op", "bwt", "fwt"):
-        assert d[k]["point"] == 0.0 and d[k]["ci"] == [0.0, 0.0] and d[k]["verdict"] == "tie"
+        assert d[k]["point"] == 0.0 and d[k]["ci"] == [0.0, 0.0] and d[k]["verdict"] == "equivalent"
+        assert d[k]["p"] == 1.0 and d[k]["equivalent"] is True
         assert d[k]["cells"] == 2
 
 
@@ -147,7 +148,8 @@ def test_worse_on_every_example_is_a_win_for_the_reference(tmp_path: Path):
     assert d["fwt"]["point"] is None and d["fwt"]["verdict"] is None  # no single reference
     other = build_study_report(tmp_path, reference="seq", B=B)["differences"]["aimmerging"]
     assert other["op"]["verdict"] == "loss" and other["op"]["ci"][1] < 0
-    assert verdict([0.0, 0.1]) == "tie" and verdict([-0.2, -0.1]) == "loss" and verdict(None) is None
+    assert verdict(0.05, 0.2, 0.01) == "equivalent" and verdict(-0.1, 0.01, 0.9) == "loss"
+    assert verdict(0.05, 0.2, 0.3) == "undecided" and verdict(None, None, None) is None
 
 
 # -- (4) pairing -----------------------------------------------------------------------------------
@@ -206,7 +208,8 @@ def test_incomplete_and_absent_runs_are_missing_not_used(study: Path):
     assert "mtl" not in report["cells"]["o2-s2"]["methods"]
     assert report["methods"]["mtl"]["op"]["point"] == pytest.approx(0.625)  # o1-s1 only
     assert report["methods"]["mtl"]["cells"] == 1
-    assert report["methods"]["ewc"] == {"cells": 0, **{k: {"point": None, "ci": None, "cells": 0} for k in ("op", "bwt", "fwt")}}
+    empty = {"point": None, "ci": None, "cells": 0, "seed_sd": None, "test_se": None, "seeds": 0}
+    assert report["methods"]["ewc"] == {"cells": 0, **{k: empty for k in ("op", "bwt", "fwt")}}
     assert report["cells"]["o2-s2"]["methods"]["seq"]["fwt"] is None  # no reference for seed 2
     assert report["methods"]["seq"]["fwt"]["cells"] == 1
     md = study_markdown(report)
@@ -221,7 +224,7 @@ def test_mtl_gets_op_only(study: Path):
     assert mtl["op"]["point"] == pytest.approx((0.5 + 0.75) / 2) and mtl["op"]["cells"] == 1
     assert mtl["bwt"]["point"] is None and mtl["fwt"]["point"] is None
     d = report["differences"]["mtl"]
-    assert d["op"]["point"] == pytest.approx(0.5 - 0.625) and d["op"]["verdict"] in ("tie", "loss")
+    assert d["op"]["point"] == pytest.approx(0.5 - 0.625) and d["op"]["verdict"] in ("undecided", "loss")
     assert d["bwt"]["point"] is None and d["fwt"]["verdict"] is None
 
 
@@ -234,7 +237,7 @@ def test_write_study_report_writes_three_files(study: Path):
     assert json.loads((study / "report.json").read_text())["methods"] == json.loads(json.dumps(report["methods"]))
     md = (study / "report.md").read_text()
     assert "`aimmerging bench --study x`" in md and "| **aimmerging** | 2 |" in md
-    assert "| seq | 2 | +0.0000 [+0.0000, +0.0000] tie |" in md
+    assert "| seq | 2 | +0.0000 [+0.0000, +0.0000] equivalent* |" in md
     assert "| mtl | 1 | -0.1250 [" in md
     assert (study / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(study.glob(".report*"))  # no temporary file left

@@ -27,13 +27,19 @@ from .runs.runner import Runner
 _NOT_SETTINGS = {"method", "model", "output_dir", "tasks", "benchmark", "data_dir", "order"}
 
 
-def as_stream(stream: Any) -> TaskStream | None:
-    """A TaskStream from a TaskStream, a mapping ``{task: {split: examples}}``, or None (the stream
-    is then named by the settings: ``benchmark``/``tasks`` and ``data_dir``)."""
+def as_stream(stream: Any, *, input_field: str | None = None, output_field: str | None = None,
+              tokenizer: Any = None) -> TaskStream | None:
+    """A TaskStream from a TaskStream, a mapping ``{task: {split: rows}}``, or None (the stream
+    is then named by the settings: ``benchmark``/``tasks`` and ``data_dir``). The rows of a mapping
+    are read as ``--data`` reads a file's rows (``aimmerging.data.files.stream_from_rows``): plain
+    rows with ``input_field``/``output_field`` columns, or chat rows with ``messages`` (rendered
+    with ``tokenizer``'s chat template when it has one; a zero-argument loader is called only then)."""
     if stream is None or isinstance(stream, TaskStream):
         return stream
     if isinstance(stream, Mapping):
-        return TaskStream.from_examples(stream)
+        from .data.files import stream_from_rows
+
+        return stream_from_rows(stream, input_field=input_field, output_field=output_field, tokenizer=tokenizer)
     raise ConfigError(f"stream: expected a TaskStream or a mapping {{task: {{split: examples}}}}, got {type(stream).__name__}")
 
 
@@ -43,11 +49,13 @@ def run(stream: Any = None, method: str | type[Method] | Method = "seq", model: 
 
     Args:
         stream: a :class:`TaskStream`, a mapping ``{task: {"train": [...], "test": [...], "dev": [...]}}``
-            of ``{"input", "output"}`` dicts or ``datasets.Dataset`` objects, or None to name the
-            stream by settings (``benchmark="standard-cl", data_dir=...`` or ``tasks=[...]``).
+            of rows (``{"input", "output"}`` dicts, other column names with the ``input_field`` /
+            ``output_field`` settings, chat rows ``{"messages": [...]}``: the rows ``--data`` reads)
+            or ``datasets.Dataset`` objects, or None to name the stream by settings
+            (``benchmark="standard-cl", data_dir=...`` or ``tasks=[...]``).
         method: a registered name, an import path ``module:Class``, a Method subclass or instance
             (``None`` is an error: leave it out for the default, ``"seq"``).
-        model: an alias (``smollm2-135m``, ``tiny-causal``, ``tiny-seq2seq``), a local directory,
+        model: an alias (``smollm2-135m``, ``tiny-causal``, ``tiny-seq2seq``), a GGUF file, a local directory,
             a hub id, or an already loaded ``(model, tokenizer)`` pair (LoRA is attached to it in place).
         output_dir: with a directory (a ``str`` or ``os.PathLike``) the run behaves exactly like
             ``aimmerging run`` (resume included); with None nothing is written to disk.
@@ -55,8 +63,9 @@ def run(stream: Any = None, method: str | type[Method] | Method = "seq", model: 
             names are rejected with the same one-line errors as the CLI.
     """
     _check_method(method)
-    stream = as_stream(stream)
     values = dict(settings)
+    stream = as_stream(stream, input_field=_field_name(values, "input_field"),
+                       output_field=_field_name(values, "output_field"), tokenizer=_tokenizer_loader(model, values))
     if stream is not None:
         clash = {"tasks", "benchmark", "data_dir", "data"} & set(values)
         if clash:
@@ -85,6 +94,31 @@ def run(stream: Any = None, method: str | type[Method] | Method = "seq", model: 
     with warnings.catch_warnings():
         quiet_library_warnings()
         return Runner(cfg, stream=stream, model=loaded, method=instance, run_dir=run_dir).run()
+
+
+def _field_name(values: Mapping[str, Any], name: str) -> str | None:
+    """The column-name setting ``name`` (a non-empty string or None; else one ConfigError)."""
+    value = values.get(name)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(f"{name}: expected a column name, got {value!r}")
+    return value
+
+
+def _tokenizer_loader(model: Any, values: Mapping[str, Any]) -> Any:
+    """What renders the prompts of chat rows: the given tokenizer, or a loader of the model's (called
+    only when a chat row needs it)."""
+    if isinstance(model, (tuple, list)):
+        return model[1] if len(model) == 2 and _is_tokenizer(model[1]) else None
+    if not isinstance(model, (str, os.PathLike)):
+        return None
+
+    def load() -> Any:
+        from .models.loading import load_base_model
+
+        return load_base_model(os.fspath(model), str(values.get("dtype", "float32")),
+                               trust_remote_code=bool(values.get("trust_remote_code", False)))[1]
+
+    return load
 
 
 def _check_method(method: Any) -> None:

@@ -29,6 +29,7 @@ from .errors import ConfigError
 from .evaluation.scoring import METRICS as METRIC_NAMES
 from .protocol import PROTOCOLS, preset
 from .methods import METHODS, Method, load_builtin_methods, resolve_method
+from .models.loading import QUANTIZE
 from .settings import build, check_choices, coerce, int_limit, option, option_fields
 
 # Fields that do not change what a run computes: they may differ when a run is resumed.
@@ -71,6 +72,7 @@ class RunConfig:
     # -- model -----------------------------------------------------------------------------------
     model: str = _f("smollm2-135m", "alias (smollm2-135m, tiny-causal, tiny-seq2seq), local directory or hub id", "model")
     dtype: str = _f("float32", "dtype of the base weights", "model", ("float32", "bfloat16", "float16"))
+    quantize: str = _f("no", "hold the frozen base in 8-bit or 4-bit (NF4) through bitsandbytes (QLoRA; CUDA and `pip install bitsandbytes` needed); the LoRA weights and the merge arithmetic stay fp32", "model", QUANTIZE)
     trust_remote_code: bool = _f(False, "run Python code shipped with the model (an auto_map in its config.json); off: such a model is refused, never asked about", "model")
     prompt_format: str = _f("plain", "causal LMs: 'plain' (input + ' ' + output) or 'chat' (chat template)", "model", ("plain", "chat"))
     max_input_tokens: int = _f(1024, "prompt budget in tokens (see --truncation)", "model", maximum=INPUT_TOKENS_MAX)
@@ -80,7 +82,7 @@ class RunConfig:
     lora_r: int = _f(8, "LoRA rank", "model", maximum=LORA_R_MAX)
     lora_alpha: int = _f(32, "LoRA alpha (scaling alpha/r)", "model", maximum=TOKENS_MAX)
     lora_dropout: float = _f(0.05, "LoRA dropout", "model")
-    lora_targets: Optional[list[str]] = _lf("modules to adapt (default: PEFT's per-architecture choice, q,v / q_proj,v_proj)", "model")
+    lora_targets: Optional[list[str]] = _lf("modules to adapt (default: PEFT's per-architecture choice, q,v / q_proj,v_proj; all-linear: every linear layer but the output head)", "model")
     # -- training --------------------------------------------------------------------------------
     method: str = _f("seq", "continual-learning method: a registered name or an import path module:Class", "training")
     epochs: int = _f(10, "epochs per task (ignored when --max-steps is given)", "training")
@@ -95,6 +97,7 @@ class RunConfig:
     adam_beta2: float = _f(0.999, "AdamW beta2", "training")
     adam_eps: float = _f(1e-8, "AdamW epsilon", "training")
     group_by_length: bool = _f(False, "group training examples of similar length into micro-batches (less padding)", "training")
+    gradient_checkpointing: bool = _f(False, "recompute each layer's activations in the backward pass instead of keeping them: less memory, ~1/3 more compute, the same adapter", "training")
     memory_batch_size: int = _f(32, "memory examples per forgetting probe and per replay step", "stream", maximum=BATCH_MAX)
     select_best_every: Optional[int] = _f(None, "every N steps compute the validation loss and keep the best adapter (reference: 40)", "selection")
     validation: str = _f("dev", "validation examples: the dev split (val-per-task per seen task) or val-holdout of the task's training set (the reference's single runs)", "selection", ("dev", "train-holdout"))
@@ -104,7 +107,8 @@ class RunConfig:
     val_batch_size: Optional[int] = _f(None, "examples per validation batch (default: the micro-batch size; HF Trainer: 8)", "selection", maximum=BATCH_MAX)
     dev_test_overlap: str = _f("holdout", "a task whose dev examples are test examples: validate on training examples not trained on (holdout), or on dev anyway (keep: the reference's test leak, with a warning)", "selection", ("holdout", "keep"))
     # (seed: validate() states its range, [0, SEED_MAX]; the bound here only keeps it a C integer)
-    seed: int = _f(42, "seed of everything (sampling, data order, LoRA init, dropout)", "training", maximum=2**63 - 1)
+    seed: int = _f(42, "seed of training (training-set sampling, data order, LoRA init, dropout); the test subset has --eval-seed", "training", maximum=2**63 - 1)
+    eval_seed: int = _f(42, "seed of the test-subset draw (--eval-cap) alone, so that --seed varies training only (42: the subset earlier versions drew with --seed 42)", "evaluation", maximum=2**63 - 1)
     # -- evaluation --------------------------------------------------------------------------------
     eval_batch_size: int = _f(16, "prompts per generation batch", "evaluation", maximum=BATCH_MAX)
     max_new_tokens: Optional[int] = _f(None, "generation length (default: longest answer of the task's training set + EOS)", "evaluation", maximum=TOKENS_MAX)
@@ -158,6 +162,7 @@ class RunConfig:
         need(0 <= self.adam_beta2 < 1, f"adam_beta2: must be in [0, 1), got {self.adam_beta2}")
         need(self.adam_eps > 0, f"adam_eps: must be > 0, got {self.adam_eps}")
         need(0 <= self.seed <= SEED_MAX, f"seed: must be in [0, {SEED_MAX}], got {self.seed}")
+        need(0 <= self.eval_seed <= SEED_MAX, f"eval_seed: must be in [0, {SEED_MAX}], got {self.eval_seed}")
         need(not (self.data and (self.data_dir or self.benchmark)),
              "data: a task-stream file names the whole stream; drop --data-dir / --benchmark")
         if self.metric:
@@ -200,6 +205,14 @@ def result_options(options: dict[str, Any]) -> dict[str, Any]:
     """The options of a run config (a dict, e.g. a saved config.yaml) that decide what it computes,
     with paths normalised: what a resumed run, or a stage copied from another run, must match."""
     out = {k: v for k, v in options.items() if k not in NON_RESULT_FIELDS}
+    # eval_seed == seed draws the test subset of the versions before eval_seed existed (they drew it
+    # with the seed): such a run computes what their runs computed, and resumes or shares their stages
+    if "eval_seed" in out and out["eval_seed"] == out.get("seed"):
+        del out["eval_seed"]
+    # no fusion parameters: the rule's defaults, what the versions before fusion_params computed
+    # (for weighted-sum, the default; DARE's masks are seeded per tensor and merge since then)
+    if "fusion_params" in out and not out["fusion_params"]:
+        del out["fusion_params"]
     for key in ("data_dir", "data"):
         if out.get(key):
             out[key] = os.path.normpath(out[key])
@@ -212,6 +225,45 @@ def _plain(v: Any) -> Any:
 
 # -- building a config from YAML and flags ----------------------------------------------------------
 FIELDS = {name: f for name, f in option_fields(RunConfig).items()}
+
+# Hugging Face (TrainingArguments, PEFT, TRL, run_clm.py) names -> aimmerging's: a one-line hint
+# when one is used (YAML key or flag) instead of a bare "unknown option".
+HF_NAMES = {
+    "learning_rate": "lr", "model_name_or_path": "model", "model_name": "model", "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "micro_batch_size (per forward pass) and batch_size (per optimizer step, global)",
+    "train_batch_size": "batch_size", "gradient_accumulation_steps": "batch_size / micro_batch_size (the accumulation)",
+    "per_device_eval_batch_size": "eval_batch_size", "eval_batch_size_per_device": "eval_batch_size",
+    "target_modules": "lora_targets", "lora_target_modules": "lora_targets", "lora_target": "lora_targets",
+    "r": "lora_r", "max_seq_length": "max_input_tokens (prompt) and max_target_tokens (answer)",
+    "max_length": "max_input_tokens (prompt) and max_target_tokens (answer)", "warmup_ratio": "warmup_steps",
+    "bf16": "mixed_precision (bf16)", "fp16": "mixed_precision (fp16)", "torch_dtype": "dtype",
+    "dataset": "data (a task-stream YAML) or data_dir", "dataset_name": "data (a task-stream YAML) or data_dir",
+    "train_file": "data (a task-stream YAML naming each task's files)", "dataset_text_field": "input_field",
+    "num_epochs": "epochs",
+}
+
+
+def run_notes(cfg: RunConfig) -> list[str]:
+    """One-line warnings about a config that runs but likely not as meant (the runner logs them)."""
+    notes = []
+    if cfg.max_steps is not None and cfg.warmup_steps >= cfg.max_steps:
+        notes.append(f"warmup_steps ({cfg.warmup_steps}) >= max_steps ({cfg.max_steps}): the learning rate never "
+                     f"reaches lr ({cfg.lr:g}; at most {cfg.max_steps}/{cfg.warmup_steps} of it); lower --warmup-steps")
+    if cfg.method == "seq":
+        notes.append("method seq fine-tunes on each task in turn and does nothing against forgetting (the baseline); "
+                     "--method aimmerging, replay, ewc, ... (aimmerging methods) counter it")
+    return notes
+
+
+def hf_name_hint(name: str, flag: bool = False) -> str:
+    """``a Hugging Face name; aimmerging's is lr`` for a Hugging Face option name, else ``""``
+    (aimmerging's names spelled as flags with ``flag``)."""
+    ours = HF_NAMES.get(name.replace("-", "_"))
+    if ours is None:
+        return ""
+    if flag:
+        ours = " ".join("--" + w.replace("_", "-") if w in FIELDS else w for w in ours.split(" "))
+    return f"a Hugging Face name; aimmerging's is {ours}"
 
 
 def method_option_owners() -> dict[str, type]:
@@ -272,7 +324,7 @@ def build_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str,
         else:
             known = [*FIELDS, *own, *owners]
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            hint = (f" ({hf_name_hint(name)})" if hf_name_hint(name) else "") or (f" (did you mean {', '.join(close)}?)" if close else "")
             raise ConfigError(f"{origin}: unknown option '{spelled.get(name, name)}'{hint}")
     for owner, values in others.items():
         build(owner, values, origin=f"{owner.__name__} options")

@@ -129,6 +129,17 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a file's bytes, read in chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Strict JSON: non-finite floats become null (``allow_nan=False`` catches any that slip by)."""
     atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")

@@ -24,11 +24,13 @@ INT_LIMIT = 10**9
 
 
 def option(default: Any, help: str, choices: tuple | Callable[[], tuple] | None = None, group: str | None = None,
-           maximum: int | None = None):
+           maximum: int | None = None, pairs: str | None = None):
     """A dataclass field carrying ``help``, ``choices`` (a tuple, or a callable returning one, for
-    names read from a registry), an optional ``group`` for ``--help`` and, for an integer option,
-    its ``maximum`` (default :data:`INT_LIMIT`; :func:`coerce` refuses a larger value)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "group": group, "maximum": maximum})
+    names read from a registry), an optional ``group`` for ``--help``, for an integer option, its
+    ``maximum`` (default :data:`INT_LIMIT`; :func:`coerce` refuses a larger value) and, for a dict
+    option, how its pairs are spelled in a message (default ``TASK=VALUE``)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group, "maximum": maximum,
+                                            "pairs": pairs})
 
 
 def int_limit(cls, name: str) -> int:
@@ -115,7 +117,10 @@ def coerce(cls, name: str, value: Any) -> Any:
             return {str(k): str(v) for k, v in value.items()} or None
     except (TypeError, ValueError, OverflowError):
         pass
-    kind = {list: "a comma-separated list", dict: "TASK=VALUE pairs"}.get(origin or base, getattr(base, "__name__", str(base)))
+    f = option_fields(cls).get(name)
+    pairs = (f.metadata.get("pairs") if f is not None else None) or "TASK=VALUE"
+    kind = {list: "a comma-separated list", dict: f"{pairs} pairs"}.get(origin or base,
+                                                                      getattr(base, "__name__", str(base)))
     raise ConfigError(f"{name}: expected {kind}, got {value!r}")
 
 

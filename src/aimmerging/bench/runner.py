@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ from ..io import atomic_write_json, atomic_write_text, atomic_write_yaml, read_j
 from ..methods import builtin_names, resolve_method
 from ..protocol import single_overrides
 from ..runs.process import bf16_pays
+from ..runs.layout import BENCH_FILE, THROUGHPUT, RunLayout, scores_file
 from ..runs.rundir import RunDirectory
 from .report import bench_markdown, build_report, plot_report
 
@@ -133,24 +133,24 @@ def _share_stages(src: Path, method_cfg: dict, method_dir: Path, count: int = 1)
     """Copy the finished stages 0 .. count-1 of the run in ``src`` into the run directory of
     ``method_cfg`` (created if needed) where it lacks them; the caller knows they compute the same.
     Returns how many were copied."""
-    if (method_dir / "config.yaml").is_file() and \
-            _computed(load_yaml(method_dir / "config.yaml")) != _computed(method_cfg):
+    target = RunLayout(method_dir)
+    if target.config.is_file() and _computed(load_yaml(target.config)) != _computed(method_cfg):
         return 0  # a different run lives there; the run itself decides what to do with it
+    source, run_dir = RunDirectory(src), RunDirectory(method_dir)
     copied = 0
     for index in range(count):
-        stages = sorted((src / "stages").glob(f"{index:02d}-*"))
-        if not stages or not (stages[0] / "scores.json").is_file():
+        stages = sorted(RunLayout(src).stages.glob(f"{index:02d}-*"))
+        if not stages or not scores_file(stages[0]).is_file():
             break
-        target = method_dir / "stages" / stages[0].name
-        if target.exists():
+        if run_dir.stage_dir(stages[0].name).exists():
             continue
-        if not (method_dir / "config.yaml").is_file():
-            RunDirectory(method_dir).init(build_config(method_cfg), replace=False)
-        tmp = method_dir / "stages" / f".tmp-{stages[0].name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(stages[0], tmp)
-        os.replace(tmp, target)
-        copied += 1
+        run_dir.lock()  # as a run would: refused in one line if a run works there now
+        try:
+            if not target.config.is_file():
+                run_dir.init(build_config(method_cfg), replace=False)
+            copied += run_dir.copy_stage(source, stages[0].name)
+        finally:
+            run_dir.unlock()
     return copied
 
 
@@ -167,9 +167,9 @@ def _shared_prefix(method: str, cfg: dict, out: Path, siblings: list[Path]) -> N
     mine = _computed(cfg, _CELL_KEYS)
     for other in siblings:
         src = other / method
-        if src.resolve() == (out / method).resolve() or not (src / "config.yaml").is_file():
+        if src.resolve() == (out / method).resolve() or not RunLayout(src).config.is_file():
             continue
-        theirs = load_yaml(src / "config.yaml")
+        theirs = load_yaml(RunLayout(src).config)
         if _computed(theirs, _CELL_KEYS) != mine:
             continue
         other_tasks = _tasks(theirs)
@@ -214,7 +214,7 @@ def run_bench(config: str | Path, output_dir: str | Path, quick: bool = False, o
     # bench.yaml lists every method planned (the config's, and every shard's)
     planned = load_bench_config(config, quick, overrides or {}, None)["methods"] if methods else []
     out = Path(output_dir)
-    resolved = out / "bench.yaml"
+    resolved = out / BENCH_FILE
     before = load_yaml(resolved) if resolved.is_file() else None
     if before is not None and {k: v for k, v in before.items() if k != "methods"} != \
             {k: v for k, v in bench.items() if k != "methods"}:
@@ -224,7 +224,7 @@ def run_bench(config: str | Path, output_dir: str | Path, quick: bool = False, o
     atomic_write_yaml(resolved, bench)
     flags = [] if progress else ["--no-progress"]
 
-    throughput = out / "throughput.json"
+    throughput = out / THROUGHPUT
     if throughput_study and not throughput.is_file():
         cfg_path = out / "configs" / "seq.yaml"
         atomic_write_yaml(cfg_path, _method_config(bench, "seq", out))
@@ -250,8 +250,8 @@ def run_bench(config: str | Path, output_dir: str | Path, quick: bool = False, o
         walls[method] = time.perf_counter() - start
 
     names = ["seq", *[m for m in bench["methods"] if m != "seq"]]
-    runs = {m: read_json(out / m / "results.json") for m in names if (out / m / "results.json").is_file()}
-    runs["single"] = read_json(reference / "results.json")
+    runs = {m: read_json(RunLayout(out / m).results) for m in names if RunLayout(out / m).results.is_file()}
+    runs["single"] = read_json(RunLayout(reference).results)
     if not throughput.is_file():
         return {"name": bench["name"], "methods": list(runs)}  # a study cell: the study report covers it
     report = build_report(bench, runs, read_json(throughput), process_walls=walls)

@@ -18,6 +18,10 @@ directory is locked while a process works in it). Cells are run in order (order-
 seed), each method of a cell in turn, so a study stopped half way has whole cells to report.
 ``aimmerging bench report`` rebuilds the report from whatever is finished.
 
+Seeds vary training only: the test subset (``eval_cap``) is drawn with ``eval_seed`` (the config's,
+default 42), not with the cell's seed, so every cell of every seed, and every ``single-s<seed>``,
+scores the same test examples, and the report resamples them once for all cells.
+
 A stage-by-stage method's stage i depends only on the first i+1 tasks: a cell whose order starts
 like a finished cell's (Standard CL orders 1 and 2 share dbpedia -> amazon) copies those stages
 instead of training them again (``runner._shared_prefix``).
@@ -32,6 +36,7 @@ from typing import Any
 from ..config import load_yaml
 from ..errors import ConfigError
 from ..io import atomic_write_yaml
+from ..runs.layout import RunLayout
 from .runner import load_bench_config, run_bench, run_method
 from .study_report import write_study_report
 
@@ -44,9 +49,15 @@ def cell_name(order: int, seed: int) -> str:
 
 def run_study(config: str | Path, output_dir: str | Path, orders: list[int], seeds: list[int] | None = None,
               quick: bool = False, overrides: dict[str, Any] | None = None, progress: bool = True,
-              methods: list[str] | None = None, isolate: bool = True, command: str | None = None) -> dict:
+              methods: list[str] | None = None, isolate: bool = True, command: str | None = None,
+              primary: list[str] | None = None, margin: float | None = None) -> dict:
+    """Run the missing runs of every (order, seed) cell, then write the report (``primary``,
+    ``margin``: its family of primary comparisons and equivalence margin; see
+    :func:`study_report.build_study_report`)."""
     overrides = dict(overrides or {})
     base = load_bench_config(config, quick, overrides, methods)
+    if primary:  # the report's family: known methods, checked before hours of runs
+        load_bench_config(config, quick, overrides, primary)
     seeds = list(seeds or [int(base["run"].get("seed", 42))])
     if not orders or len(set(orders)) != len(orders) or len(set(seeds)) != len(seeds):
         raise ConfigError("--orders / --seeds: give distinct values, e.g. --orders 1,2,3 --seeds 42")
@@ -69,7 +80,7 @@ def run_study(config: str | Path, output_dir: str | Path, orders: list[int], see
         cells = [out / cell_name(o, seed) for o in study["orders"]]
         for order in orders:
             cell_overrides = {**overrides, "order": order, "seed": seed}
-            if not (single_dir / "results.json").is_file() or not _complete(single_dir):
+            if not RunLayout(single_dir).results.is_file() or not _complete(single_dir):
                 log.info("study: FWT reference (single) for seed %d", seed)
                 # one reference per seed, trained in order 1 (each task alone: the order does not matter)
                 run_method(config, quick, {**cell_overrides, "order": 1}, "single", single_dir,
@@ -78,13 +89,13 @@ def run_study(config: str | Path, output_dir: str | Path, orders: list[int], see
             run_bench(config, out / cell_name(order, seed), quick=quick, overrides=cell_overrides,
                       progress=progress, isolate=isolate, methods=methods, single_dir=single_dir,
                       siblings=cells, throughput_study=False)
-    return write_study_report(out, command=command)
+    return write_study_report(out, command=command, primary=primary, **({} if margin is None else {"margin": margin}))
 
 
 def _complete(run_dir: Path) -> bool:
     from ..io import read_json
 
     try:
-        return bool(read_json(run_dir / "results.json").get("complete"))
+        return bool(read_json(RunLayout(run_dir).results).get("complete"))
     except (OSError, ValueError):
         return False

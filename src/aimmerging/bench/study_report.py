@@ -26,8 +26,9 @@ from typing import Optional
 import numpy as np
 
 from ..errors import DataError, UserError
-from ..evaluation.bootstrap import METRICS, bootstrap_study
+from ..evaluation.bootstrap import MARGIN, METRICS, bootstrap_study
 from ..io import atomic_write_json, atomic_write_text, read_json, read_jsonl, read_yaml_mapping
+from ..runs.layout import BENCH_FILE, ZERO_SHOT, RunLayout, is_run_dir, predictions_file, scores_file
 from ..runs.results import fmt_number
 from ..trace import merge_summary
 
@@ -46,7 +47,7 @@ def _status(run_dir: Path) -> tuple[Optional[dict], str]:
     """(results, "complete") for a finished run, else (results or None, why it is not used)."""
     if not run_dir.is_dir():
         return None, "not started"
-    path = run_dir / "results.json"
+    path = RunLayout(run_dir).results
     if not path.is_file():
         return None, "started, no results yet"
     try:
@@ -63,15 +64,15 @@ def _status(run_dir: Path) -> tuple[Optional[dict], str]:
 
 def _stage_dirs(run_dir: Path) -> list[tuple[Path, dict]]:
     """(directory, record) of every finished stage that fills a row of the accuracy matrix."""
-    stages = run_dir / "stages"
+    stages = RunLayout(run_dir).stages
     out = []
     for d in sorted(stages.iterdir()) if stages.is_dir() else []:
-        if not d.is_dir() or d.name.startswith((".", "zero")) or not (d / "scores.json").is_file():
+        if not d.is_dir() or d.name.startswith((".", ZERO_SHOT)) or not scores_file(d).is_file():
             continue
         try:
-            record = read_json(d / "scores.json")
+            record = read_json(scores_file(d))
         except (OSError, ValueError) as e:
-            raise StudyDataError(f"{d / 'scores.json'}: unreadable ({e})") from None
+            raise StudyDataError(f"{scores_file(d)}: unreadable ({e})") from None
         if isinstance(record, dict) and record.get("row") is not None:
             out.append((d, record))
     return out
@@ -96,7 +97,7 @@ def load_run_scores(run_dir: str | os.PathLike) -> dict:
     for d, record in _stage_dirs(run_dir):
         row = int(record["row"])
         for task in record.get("scores") or {}:
-            path = d / "predictions" / f"{task}.jsonl"
+            path = predictions_file(d, task)
             task_ids, scores = _predictions(path)
             if task in ids and ids[task][0] != task_ids:
                 raise StudyDataError(_id_problem(task, path, ids[task][1]))
@@ -112,7 +113,7 @@ def _id_problem(task: str, path: Path, other: Path) -> str:
 
 def _bench_methods(cell_dir: Path) -> list[str]:
     """The methods the cell's bench.yaml lists (its order is the report's), [] without one."""
-    path = cell_dir / "bench.yaml"
+    path = cell_dir / BENCH_FILE
     if not path.is_file():
         return []
     try:
@@ -123,7 +124,7 @@ def _bench_methods(cell_dir: Path) -> list[str]:
 
 
 def _is_run_dir(d: Path) -> bool:
-    return d.is_dir() and ((d / "results.json").is_file() or (d / "config.yaml").is_file() or (d / "stages").is_dir())
+    return is_run_dir(d)
 
 
 def collect_study(study_dir: str | os.PathLike) -> dict:
@@ -131,9 +132,9 @@ def collect_study(study_dir: str | os.PathLike) -> dict:
 
     Returns ``{"study_dir", "methods": [names, in report order], "cells": {cell: {"order", "seed",
     "tasks" (None when no run of the cell says), "runs": {method: {row: {task: scores}}} (complete
-    runs only), "single": {task: scores} or None, "single_dir", "fwt_note" (why the cell has no
-    FWT, or None)}}, "missing": [{"cell", "method", "status"}], "references": {seed: {"dir",
-    "status"}}}``. Raises :class:`StudyDataError` when complete runs of a cell disagree on tasks
+    runs only), "ids": {task: example ids of those scores}, "single": {task: scores} or None,
+    "single_dir", "fwt_note" (why the cell has no FWT, or None)}}, "missing": [{"cell", "method",
+    "status"}], "references": {seed: {"dir", "status"}}}``. Raises :class:`StudyDataError` when complete runs of a cell disagree on tasks
     or test examples, UserError when ``study_dir`` is not a directory."""
     study = Path(study_dir)
     if not study.is_dir():
@@ -159,7 +160,7 @@ def collect_study(study_dir: str | os.PathLike) -> dict:
     for d in cell_dirs:
         order_s, seed = CELL_DIR.match(d.name).groups()
         cell = {"order": int(order_s), "seed": int(seed), "tasks": None, "runs": {}, "single": None,
-                "single_dir": references[seed]["dir"], "fwt_note": None}
+                "single_dir": references[seed]["dir"], "fwt_note": None, "ids": {}}
         ids: dict[str, tuple[list, Path]] = {}
         first: Optional[Path] = None
         for m in methods:
@@ -183,6 +184,7 @@ def collect_study(study_dir: str | os.PathLike) -> dict:
                     raise StudyDataError(_id_problem(task, path, ids[task][1]))
                 ids.setdefault(task, (task_ids, path))
             cell["runs"][m] = scores["rows"]
+        cell["ids"] = {task: task_ids for task, (task_ids, _path) in ids.items()}
         if first is not None:
             cell["single"], cell["fwt_note"] = _cell_reference(references[seed], singles[seed], cell["tasks"], ids)
         cells[d.name] = cell
@@ -198,7 +200,7 @@ def _single_scores(ref_dir: Path, results: dict) -> dict:
     for d, record in _stage_dirs(ref_dir):
         task = record.get("name")
         if task in (record.get("scores") or {}):
-            path = d / "predictions" / f"{task}.jsonl"
+            path = predictions_file(d, task)
             task_ids, scores = _predictions(path)
             out[task] = (task_ids, scores, path)
     return out
@@ -219,36 +221,62 @@ def _cell_reference(ref: dict, single: Optional[dict], tasks: list[str],
 
 # -- the report ------------------------------------------------------------------------------------
 
+DESIGN = ("percentile bootstrap: the test examples of each task resampled once per replicate, keyed by (task, "
+          "example id), with the same draws for every cell that scored them (all orders and seeds), every method "
+          "and the single reference; with two seeds or more the seeds are resampled too (independently of the "
+          "examples); orders are fixed; a method's figure is the mean over its cells")
+
+
 def build_study_report(study_dir: str | os.PathLike, reference: str = "aimmerging", B: int = 2000,
-                       seed: int = 0, level: float = 0.95) -> dict:
+                       seed: int = 0, level: float = 0.95, primary: Optional[list[str]] = None,
+                       margin: float = MARGIN) -> dict:
     """The study's report (JSON-serialisable)::
 
         {"study_dir", "reference",
-         "bootstrap": {"B", "seed", "level", "design"},
-         "methods": {m: {"cells": complete runs, "op"|"bwt"|"fwt": {"point", "ci": [lo, hi], "cells"}}},
+         "bootstrap": {"B", "seed", "level", "design", "resampled"},
+         "comparisons": {"family": [methods], "metric": "op", "adjustment": "holm", "alpha", "margin",
+                         "p_values", "rule"},
+         "methods": {m: {"cells": complete runs, "op"|"bwt"|"fwt": {"point", "ci": [lo, hi], "cells",
+                                                                   "seed_sd", "test_se", "seeds"}}},
          "differences": {m: {"cells": cells where both ran,  # reference minus m
-                             "op"|"bwt"|"fwt": {"point", "ci", "cells", "verdict"}}},
+                             "op"|"bwt"|"fwt": {"point", "ci", "cells", "seed_sd", "test_se", "seeds",
+                                                "p", "p_eq", "primary", "p_adj", "p_eq_adj",
+                                                "verdict", "equivalent"}}},
          "cells": {cell: {"order", "seed", "tasks", "n_examples": {task: n}, "single", "fwt_note",
                           "methods": {m: {"op", "bwt", "fwt"}}}},
          "missing": [{"cell", "method", "status"}],
          "references": {seed: {"dir", "status"}}}
 
     Every method seen (a run directory in a cell, or listed in a cell's bench.yaml) is in
-    "methods", with 0 cells and null figures when it has no complete run. UserError when no cell
-    has a complete run yet."""
+    "methods", with 0 cells and null figures when it has no complete run. ``primary``: the
+    family of primary comparisons (``reference`` minus each of these methods on OP, Holm-adjusted;
+    default every other method with a complete run); ``margin``: the equivalence margin (TOST).
+    UserError when no cell has a complete run yet, or a primary method is not in the study."""
     study = collect_study(study_dir)
     used = {c: cell for c, cell in study["cells"].items() if cell["runs"]}
     if not used:
         cells = ", ".join(study["cells"]) or "no o<order>-s<seed> directory"
         raise UserError(f"{study_dir}: no finished run yet ({cells}); run the study first, "
                         "or wait for a run to complete")
+    unknown = [m for m in primary or [] if m not in study["methods"] or m == reference]
+    if unknown:
+        raise UserError(f"--primary: {', '.join(unknown)} is not a method of the study other than {reference} "
+                        f"(methods: {', '.join(study['methods'])})")
+    if not margin > 0:
+        raise UserError(f"--equivalence-margin: must be > 0, got {margin}")
     boot = bootstrap_study({c: cell["runs"] for c, cell in used.items()}, {c: cell["tasks"] for c, cell in used.items()},
-                           {c: cell["single"] for c, cell in used.items()}, reference=reference, B=B, seed=seed, level=level)
-    empty = {"point": None, "ci": None, "cells": 0}
+                           {c: cell["single"] for c, cell in used.items()},
+                           ids={c: cell["ids"] for c, cell in used.items()},
+                           cell_seeds={c: cell["seed"] for c, cell in used.items()},
+                           cell_orders={c: cell["order"] for c, cell in used.items()},
+                           reference=reference, primary=primary, margin=margin, B=B, seed=seed, level=level)
+    empty = {"point": None, "ci": None, "cells": 0, "seed_sd": None, "test_se": None, "seeds": 0}
+    no_test = {"p": None, "p_eq": None, "primary": False, "p_adj": None, "p_eq_adj": None, "verdict": None,
+               "equivalent": None}
     methods = {m: boot["methods"].get(m, {"cells": 0, **{k: dict(empty) for k in METRICS}}) for m in study["methods"]}
     differences = {}
     if reference in boot["methods"]:
-        differences = {m: boot["differences"].get(m, {"cells": 0, **{k: {**empty, "verdict": None} for k in METRICS}})
+        differences = {m: boot["differences"].get(m, {"cells": 0, **{k: {**empty, **no_test} for k in METRICS}})
                        for m in study["methods"] if m != reference}
     cells = {}
     for c, cell in study["cells"].items():
@@ -256,11 +284,18 @@ def build_study_report(study_dir: str | os.PathLike, reference: str = "aimmergin
         cells[c] = {"order": cell["order"], "seed": cell["seed"], "tasks": cell["tasks"], "n_examples": got["n_examples"],
                     "single": cell["single_dir"] if cell["single"] is not None else None,
                     "fwt_note": cell["fwt_note"], "methods": got["methods"]}
-    design = ("paired percentile bootstrap over test examples, resampled within each (order, seed) cell and task "
-              "with the same draws for every method and the single reference; a method's figure is the mean "
-              "over its cells")
+    alpha = boot["alpha"]
+    comparisons = {
+        **boot["family"], "alpha": alpha, "margin": margin,
+        "p_values": ("two-sided bootstrap p of 'no difference': min(1, 2 min(#{d* <= 0} + 1, #{d* >= 0} + 1) / (B + 1)) "
+                     "over the B replicates d* of the difference; equivalence (TOST, two one-sided tests): "
+                     f"p_eq = max(#{{d* <= -{margin:g}}} + 1, #{{d* >= +{margin:g}}} + 1) / (B + 1)"),
+        "rule": (f"win / loss: p < {alpha:g} (the sign of the difference); else equivalent: p_eq < {alpha:g}; else "
+                 "undecided. The primary comparisons' p and p_eq are Holm-adjusted over the family; every other "
+                 "difference (BWT, FWT, methods outside the family) is secondary, unadjusted")}
     return {"study_dir": study["study_dir"], "reference": reference,
-            "bootstrap": {"B": B, "seed": seed, "level": level, "design": design},
+            "bootstrap": {"B": B, "seed": seed, "level": level, "design": DESIGN, "resampled": boot["resampled"]},
+            "comparisons": comparisons,
             "methods": methods, "differences": differences, "cells": cells,
             "missing": study["missing"], "references": study["references"],
             "traces": _traces(Path(study_dir), study)}
@@ -274,8 +309,8 @@ def _traces(study: Path, collected: dict) -> dict:
         for m in cell["runs"]:
             run = study / c / m
             try:
-                records = read_jsonl(run / "trace.jsonl") if (run / "trace.jsonl").is_file() else []
-                stages = read_json(run / "results.json").get("stages") or []
+                records = read_jsonl(RunLayout(run).trace) if RunLayout(run).trace.is_file() else []
+                stages = read_json(RunLayout(run).results).get("stages") or []
             except (OSError, ValueError) as e:
                 raise StudyDataError(f"{run}: unreadable trace or results ({e})") from None
             out.setdefault(c, {})[m] = {"merges": merge_summary(records),
@@ -291,55 +326,94 @@ def _with_ci(s: dict, signed: bool = False) -> str:
 
 
 def _entry(s: dict, k: str, signed: bool) -> str:
-    """A metric's table entry: point [CI], the verdict of a difference, and the number of cells
-    when the metric has fewer than the row (FWT without a reference in some seeds)."""
+    """A metric's table entry: point [CI], the verdict of a difference (``*``: a primary comparison,
+    Holm-adjusted), and the number of cells when the metric has fewer than the row."""
     m = s[k]
     if m["point"] is None:
         return "-"
     text = _with_ci(m, signed)
     if m.get("verdict"):
-        text += f" {m['verdict']}"
+        text += f" {m['verdict']}" + ("*" if m.get("primary") else "")
     if m["cells"] != s["cells"]:
         text += f" ({m['cells']} cells)"
     return text
+
+
+def _p(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.4f}" if x >= 0.0001 else "<0.0001"
+
+
+def _sd(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def comparisons_markdown(report: dict) -> list[str]:
+    """Which comparisons were primary, how their verdicts were adjusted, and their p-values."""
+    ref, c = report["reference"], report["comparisons"]
+    family = c["methods"]
+    out = ["## Primary comparisons", ""]
+    if not family:
+        return out + [f"No primary comparison: `{ref}` and no other method both have OP. Every verdict below is "
+                      "secondary (unadjusted).", ""]
+    out += [f"The family: `{ref}` minus each of {', '.join(f'`{m}`' for m in family)} on OP ({len(family)} "
+            f"comparison{'s' if len(family) != 1 else ''}; `--primary`, default every other method). Verdict rule: {c['rule']}. Equivalence margin "
+            f"±{c['margin']:g} (`--equivalence-margin`). p-values: {c['p_values']}. Seed SD: the seed-to-seed "
+            "standard deviation of a cell's difference within an order; test SE: one cell's test-sampling "
+            "standard error.", "",
+            "| method | cells | ΔOP [CI] | p | Holm p | p_eq | Holm p_eq | verdict | seed SD | test SE |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in family:
+        d = report["differences"][m]["op"]
+        eq = " (within the margin)" if d["equivalent"] and d["verdict"] in ("win", "loss") else ""
+        out.append(f"| {m} | {d['cells']} | {_with_ci(d, True)} | {_p(d['p'])} | {_p(d['p_adj'])} | {_p(d['p_eq'])} | "
+                   f"{_p(d['p_eq_adj'])} | **{d['verdict']}**{eq} | {_sd(d['seed_sd'])} | {_sd(d['test_se'])} |")
+    return out + [""]
 
 
 def study_markdown(report: dict, command: Optional[str] = None) -> str:
     ref, boot = report["reference"], report["bootstrap"]
     pct = f"{100 * boot['level']:g} %"
     cells = report["cells"]
+    seeds = sorted({cell["seed"] for cell in cells.values()})
     out = [f"# Study report: `{report['study_dir']}`", ""]
     if command:
         out += [f"Command: `{command}`", ""]
-    out += [f"{len(cells)} cells (order, seed): {', '.join(cells)}. Each figure is the mean over the cells where the "
-            f"method has a complete run; intervals are {pct} paired percentile bootstrap intervals ({boot['B']} "
-            f"replicates, rng seed {boot['seed']}) resampling the test examples of each task within each cell, "
-            "with the same draws for every method and the `single` reference. FWT is against the seed's `single` "
-            "run; the joint `mtl` run has no diagonal, hence OP only.", "",
+    covers = ("the test-set sampling and the training noise between seeds (seeds resampled)"
+              if "seeds" in boot.get("resampled", []) else "the test-set sampling only (one seed: training noise "
+              "is not measured)")
+    out += [f"{len(cells)} cells (order, seed): {', '.join(cells)}; seeds {', '.join(map(str, seeds))}. Each figure "
+            f"is the mean over the cells where the method has a complete run; intervals are {pct} "
+            f"{boot['design']} ({boot['B']} replicates, rng seed {boot['seed']}). They cover {covers}. FWT is "
+            "against the seed's `single` run; the joint `mtl` run has no diagonal, hence OP only.", "",
             "## Methods", "", f"| method | cells | OP [{pct} CI] | BWT [{pct} CI] | FWT [{pct} CI] |",
             "|---|---|---|---|---|"]
     for m, s in report["methods"].items():
         name = f"**{m}**" if m == ref else m
         out.append(f"| {name} | {s['cells']} | " + " | ".join(_entry(s, k, k != "op") for k in METRICS) + " |")
-    out += ["", f"## {ref} minus method", ""]
+    out += ["", "## Training noise beside test-set noise", "",
+            "Seed SD: the seed-to-seed standard deviation of one run's figure, pooled within orders (- with one "
+            "seed); test SE: one run's test-sampling standard error (median over cells of the bootstrap standard "
+            "deviation).", "", "| method | seeds | OP seed SD / test SE | BWT seed SD / test SE | FWT seed SD / test SE |",
+            "|---|---|---|---|---|"]
+    for m, s in report["methods"].items():
+        out.append(f"| {m} | {s['op']['seeds']} | " + " | ".join(
+            "-" if s[k]["point"] is None else f"{_sd(s[k]['seed_sd'])} / {_sd(s[k]['test_se'])}" for k in METRICS) + " |")
+    out += [""]
     if not report["differences"]:
-        out += [f"`{ref}` has no complete run: no paired differences.", ""]
+        out += [f"## {ref} minus method", "", f"`{ref}` has no complete run: no paired differences.", ""]
     else:
-        out += ["Over the cells where both have the metric; win: the interval lies above 0, loss: below 0, "
-                "tie: it contains 0.", "",
+        out += comparisons_markdown(report)
+        c = report["comparisons"]
+        out += [f"## {ref} minus method", "",
+                f"Over the cells where both have the metric. Verdicts: win / loss when the difference is "
+                f"significant at {c['alpha']:g}, equivalent when shown within ±{c['margin']:g} (TOST), undecided "
+                "otherwise; `*`: a primary comparison (Holm-adjusted, above); every other verdict is secondary "
+                "and unadjusted.", "",
                 f"| method | cells | ΔOP [{pct} CI] | ΔBWT [{pct} CI] | ΔFWT [{pct} CI] |", "|---|---|---|---|---|"]
         for m, d in report["differences"].items():
             out.append(f"| {m} | {d['cells']} | " + " | ".join(_entry(d, k, True) for k in METRICS) + " |")
         out.append("")
-    names = list(cells)
-    out += ["## Per cell", "", "Each entry: OP / BWT of the method's run in that cell.", "",
-            "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for m in report["methods"]:
-        entries = []
-        for c in names:
-            p = cells[c]["methods"].get(m)
-            entries.append("-" if p is None else f"{fmt_number(p['op'])} / {fmt_number(p['bwt'], True)}")
-        out.append(f"| {m} | " + " | ".join(entries) + " |")
+    out += _cells_markdown(report)
     out += _trace_markdown(report)
     out += ["", "## Not finished yet", ""]
     notes = [f"- {x['cell']}: {x['method']} ({x['status']})" for x in report["missing"]]
@@ -348,6 +422,25 @@ def study_markdown(report: dict, command: Optional[str] = None) -> str:
               if cell["fwt_note"] and report["references"][str(cell["seed"])]["status"] == "complete"]
     out += notes or ["Every run of every cell is complete."]
     return "\n".join(out) + "\n"
+
+
+def _cells_markdown(report: dict) -> list[str]:
+    """OP / BWT of every run, seeds x orders: a row per (method, seed), a column per order."""
+    cells = report["cells"]
+    orders = sorted({cell["order"] for cell in cells.values()})
+    seeds = sorted({cell["seed"] for cell in cells.values()})
+    at = {(cell["order"], cell["seed"]): cell for cell in cells.values()}
+    out = ["## Per cell, seeds x orders", "", "Each entry: OP / BWT of the method's run in that cell.", "",
+           "| method | seed | " + " | ".join(f"order {o}" for o in orders) + " |", "|---|---|" + "---|" * len(orders)]
+    for m in report["methods"]:
+        for sd in seeds:
+            entries = []
+            for o in orders:
+                p = at.get((o, sd), {}).get("methods", {}).get(m)
+                entries.append("-" if p is None else f"{fmt_number(p['op'])} / {fmt_number(p['bwt'], True)}")
+            if any(e != "-" for e in entries):
+                out.append(f"| {m} | {sd} | " + " | ".join(entries) + " |")
+    return out
 
 
 def _trace_markdown(report: dict) -> list[str]:
@@ -450,11 +543,11 @@ def _errorbar(ax, s: dict, y: float, colour: str, label: Optional[str] = None) -
 # -- writing ---------------------------------------------------------------------------------------
 
 def write_study_report(study_dir: str | os.PathLike, command: Optional[str] = None, reference: str = "aimmerging",
-                       B: int = 2000, seed: int = 0) -> dict:
+                       B: int = 2000, seed: int = 0, primary: Optional[list[str]] = None, margin: float = MARGIN) -> dict:
     """Build the report and write ``report.json``, ``report.md`` and ``report.png`` into the study
     directory (each atomically); returns the report. UserError when no run is finished yet."""
     study = Path(study_dir)
-    report = build_study_report(study, reference=reference, B=B, seed=seed)
+    report = build_study_report(study, reference=reference, B=B, seed=seed, primary=primary, margin=margin)
     atomic_write_json(study / "report.json", report)
     atomic_write_text(study / "report.md", study_markdown(report, command))
     plot_study(report, study / "report.png")

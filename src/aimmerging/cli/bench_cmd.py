@@ -32,6 +32,11 @@ def register(sub, argv=None) -> None:
                    help="override the config's training precision (autocast; LoRA weights and merges stay fp32)")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.add_argument("--primary", default=None,
+                   help="a study's primary comparisons: comma-separated methods compared with aimmerging on OP, "
+                        "Holm-adjusted as one family (default: every other method); the rest are secondary, unadjusted")
+    b.add_argument("--equivalence-margin", type=float, default=None,
+                   help="a study's equivalence margin (two one-sided tests) for the verdict 'equivalent' (default: 0.02)")
     b.set_defaults(func=cmd_bench)
 
 
@@ -47,13 +52,32 @@ def _ints(flag: str, text: str | None) -> list[int] | None:
     return values
 
 
+def _comparisons(args: argparse.Namespace) -> dict:
+    """The study report's primary family and equivalence margin, as given."""
+    out: dict = {}
+    if args.primary is not None:
+        out["primary"] = [m.strip() for m in args.primary.split(",") if m.strip()]
+        if not out["primary"]:
+            raise ConfigError("--primary: no method given")
+    if args.equivalence_margin is not None:
+        if not 0 < args.equivalence_margin < 1:  # also refuses nan and inf
+            raise ConfigError(f"--equivalence-margin: must be in (0, 1), got {args.equivalence_margin}")
+        out["margin"] = args.equivalence_margin
+    return out
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     orders, seeds = _ints("--orders", args.orders), _ints("--seeds", args.seeds)
+    comparisons = _comparisons(args)
+    if comparisons and args.action != "report" and orders is None:
+        raise ConfigError("--primary / --equivalence-margin: only for a study (--orders, or 'bench report')")
     if args.action == "report":
         from ..bench.study_report import study_markdown, write_study_report
 
         out = args.output_dir or "runs/study"
-        report = write_study_report(out, command=f"aimmerging bench report --output-dir {out}")
+        flags = "".join([f" --primary {','.join(comparisons['primary'])}" if "primary" in comparisons else "",
+                         f" --equivalence-margin {comparisons['margin']:g}" if "margin" in comparisons else ""])
+        report = write_study_report(out, command=f"aimmerging bench report --output-dir {out}{flags}", **comparisons)
         print(study_markdown(report))
         print(f"Report: {out}/report.md, {out}/report.json, {out}/report.png")
         return 0
@@ -72,7 +96,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                             *(["--quick"] if args.quick else []), f"--orders {args.orders}",
                             *([f"--seeds {args.seeds}"] if args.seeds else []), f"--output-dir {out}"])
         report = run_study(args.config, out, orders, seeds, quick=args.quick, overrides=overrides,
-                           progress=not args.no_progress, methods=methods, command=command)
+                           progress=not args.no_progress, methods=methods, command=command, **comparisons)
         print(study_markdown(report))
         print(f"Report: {out}/report.md, {out}/report.json, {out}/report.png")
         return 0

@@ -26,12 +26,19 @@ The prompt is rendered
 
 * with the tokenizer's chat template when ``tokenizer=`` is given and has one
   (``apply_chat_template(prompt_turns, tokenize=False, add_generation_prompt=True)``), so the
-  ``input`` of the example is exactly the text the model sees before its answer;
+  ``input`` of the example is exactly the text the model sees before its answer; the example is
+  marked ``templated``: in either prompt format it is tokenized verbatim (never wrapped in a
+  second user turn by ``--prompt-format chat``) and its answer follows with no space;
 * otherwise as plain text, one ``role: content`` line per turn and a final ``assistant:`` line::
 
       system: You are terse.
       user: Which code does table A give to tiger?
       assistant:
+
+  (the plain format then trains on ``" " + answer``, as after any prompt ending in ``:``).
+
+**CSV.** Quoted fields keep their newlines (``"Product: desk lamp\nCategory code:"`` is a
+two-line prompt); a UTF-8 byte-order mark before the header is dropped.
 
 **Task-stream files.** :func:`load_stream_file` reads a YAML file naming the tasks of a stream,
 in order, and the file of every split (``train`` is required; ``test`` and ``dev`` are optional
@@ -68,6 +75,7 @@ error when missing.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -152,8 +160,10 @@ def _read_csv(path: Path) -> list:
     if "\0" in text:  # a binary file, or a corrupt one (Python < 3.11's csv refuses it too)
         line = text.count("\n", 0, text.index("\0")) + 1
         raise DataError(f"{path}: malformed CSV: line {line} contains a NUL byte (not a text file?)")
-    try:
-        return list(csv.DictReader(text.splitlines()))
+    if text.startswith("\ufeff"):  # the byte-order mark spreadsheet programs write is not part of the header
+        text = text[1:]
+    try:  # csv reads the line ends itself: a quoted field keeps its newlines ("a\nb" stays two lines)
+        return list(csv.DictReader(io.StringIO(text, newline="")))
     except csv.Error as e:
         raise DataError(f"{path}: malformed CSV: {e}") from None
 
@@ -258,10 +268,15 @@ def split_chat(messages: Any, where: str) -> tuple[list[dict], str]:
     return prompt, messages[last]["content"]
 
 
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` renders conversations with a chat template of its own."""
+    return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+
+
 def render_prompt(turns: Sequence[Mapping[str, str]], tokenizer: Any = None) -> str:
     """The prompt text of ``turns``: the tokenizer's chat template with the generation prompt when
     it has one, else one ``role: content`` line per turn and a final ``assistant:`` line."""
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+    if has_chat_template(tokenizer):
         return tokenizer.apply_chat_template(list(turns), tokenize=False, add_generation_prompt=True)
     return "\n".join(f"{t['role']}: {t['content']}" for t in turns) + f"\n{ASSISTANT}:"
 
@@ -293,6 +308,7 @@ def examples_from_rows(rows: Iterable[Any], *, source: str, task: str, input_fie
                 raise DataError(f"{source}: missing column '{field}'{hint} (columns: {fields}); "
                                 f"set {'input_field' if field == input_field else 'output_field'}")
     resolved = None
+    templated = False
     examples: list[Example] = []
     for i, row in enumerate(rows):
         where = f"{source}: row {i}"
@@ -304,6 +320,7 @@ def examples_from_rows(rows: Iterable[Any], *, source: str, task: str, input_fie
             turns, output = split_chat(row[MESSAGES_FIELD], where)
             if resolved is None:
                 resolved = _resolve_tokenizer(tokenizer)
+                templated = has_chat_template(resolved)
             prompt = render_prompt(turns, resolved)
         else:
             for field in (input_field, output_field):
@@ -318,8 +335,48 @@ def examples_from_rows(rows: Iterable[Any], *, source: str, task: str, input_fie
         for field, text in ((MESSAGES_FIELD if chat else input_field, prompt), (output_field, output), ("id", rid)):
             if not is_unicode_text(text):
                 raise DataError(f"{where}: field '{field}' is not valid Unicode text (a lone surrogate)")
-        examples.append(Example(id=rid, input=prompt, output=output, task=task))
+        examples.append(Example(id=rid, input=prompt, output=output, task=task, templated=chat and templated))
     return examples
+
+
+def stream_from_rows(data: Mapping[str, Mapping[str, Any]], *, input_field: Optional[str] = None,
+                     output_field: Optional[str] = None, tokenizer: Tokenizer = None) -> TaskStream:
+    """In-memory tasks ``{task: {split: rows}}`` read as ``--data`` reads files: each split a list
+    of rows (plain rows with ``input_field``/``output_field`` columns, chat rows with ``messages``),
+    of :class:`Example` objects, or a ``datasets.Dataset``; ``tokenizer`` (or a loader) renders
+    chat prompts (module docs). What :func:`aimmerging.run` does with a mapping."""
+    if not isinstance(data, Mapping) or not data:
+        raise DataError("a task stream mapping needs at least one task: {task: {'train': [...], 'test': [...]}}")
+    parsed: dict[str, dict[str, list[Example]]] = {}
+    for name, splits in data.items():
+        task = str(name)
+        if not isinstance(splits, Mapping):
+            raise DataError(f"task '{task}': expected a mapping of split -> examples, got {type(splits).__name__}")
+        unknown = sorted(set(map(str, splits)) - set(SPLITS))
+        if unknown:
+            raise DataError(f"task '{task}': unknown split(s) {', '.join(unknown)} (splits: {', '.join(SPLITS)})")
+        parsed[task] = {}
+        for split, rows in splits.items():
+            where = f"task '{task}', {split}"
+            if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Iterable):
+                raise DataError(f"{where}: expected a list of rows ({{'input', 'output'}} or {{'messages'}} "
+                                f"mappings), got {type(rows).__name__}")
+            rows = list(rows)
+            if not rows:
+                raise DataError(f"task '{task}': the {split} split is empty")
+            if all(isinstance(r, Example) for r in rows):
+                parsed[task][str(split)] = rows
+                continue
+            parsed[task][str(split)] = examples_from_rows(
+                rows, source=where, task=task, input_field=input_field or "input",
+                output_field=output_field or "output", tokenizer=tokenizer)
+
+    def reader(task: str, split: str) -> list[Example]:
+        if split not in parsed[task]:
+            raise DataError(f"task '{task}' has no {split} split")
+        return parsed[task][split]
+
+    return TaskStream(list(parsed), reader, "in-memory examples")
 
 
 def read_examples(path: str | os.PathLike, *, task: Optional[str] = None, input_field: str = "input",
@@ -378,6 +435,30 @@ def load_stream_file(path: str | os.PathLike, *, input_field: Optional[str] = No
     read when a split is first needed (and then cached by the stream). ``input_field`` /
     ``output_field`` are the defaults for tasks whose YAML sets neither; ``tokenizer`` (or a
     zero-argument callable returning one) renders the prompts of chat data."""
+    path = Path(path)
+    plans = stream_file_plan(path, input_field=input_field, output_field=output_field)
+    lazy = {"tokenizer": tokenizer}
+
+    def get_tokenizer() -> Any:  # loaded once, only when a conversation needs rendering
+        lazy["tokenizer"] = _resolve_tokenizer(lazy["tokenizer"])
+        return lazy["tokenizer"]
+
+    def reader(task: str, split: str) -> list[Example]:
+        plan = plans[task]
+        file = plan["files"].get(split)
+        if file is None:
+            raise DataError(f"{path}: task '{task}' has no {split} file")
+        return read_examples(file, task=task, input_field=plan["input_field"], output_field=plan["output_field"],
+                             format=plan["format"], tokenizer=get_tokenizer if tokenizer is not None else None,
+                             split=split)
+
+    return TaskStream(list(plans), reader, f"stream file {path}")
+
+
+def stream_file_plan(path: str | os.PathLike, *, input_field: Optional[str] = None,
+                     output_field: Optional[str] = None) -> dict[str, dict[str, Any]]:
+    """What a stream YAML file names, checked (module docs), nothing read: ``{task: {"files":
+    {split: path}, "format", "input_field", "output_field"}}`` in the file's task order."""
     from ..io import read_yaml_mapping
 
     path = Path(path)
@@ -435,25 +516,9 @@ def load_stream_file(path: str | os.PathLike, *, input_field: Optional[str] = No
         plans[task] = {"files": files, "format": fmt,
                        "input_field": _field(entry.get("input_field"), "input_field", where) or defaults["input_field"],
                        "output_field": _field(entry.get("output_field"), "output_field", where) or defaults["output_field"]}
-
-    lazy = {"tokenizer": tokenizer}
-
-    def get_tokenizer() -> Any:  # loaded once, only when a conversation needs rendering
-        lazy["tokenizer"] = _resolve_tokenizer(lazy["tokenizer"])
-        return lazy["tokenizer"]
-
-    def reader(task: str, split: str) -> list[Example]:
-        plan = plans[task]
-        file = plan["files"].get(split)
-        if file is None:
-            raise DataError(f"{path}: task '{task}' has no {split} file")
-        return read_examples(file, task=task, input_field=plan["input_field"], output_field=plan["output_field"],
-                             format=plan["format"], tokenizer=get_tokenizer if tokenizer is not None else None,
-                             split=split)
-
-    return TaskStream(list(plans), reader, f"stream file {path}")
+    return plans
 
 
-__all__ = ["FORMATS", "detect_format", "examples_from_rows", "load_stream_file", "read_csv", "read_examples",
-           "read_json", "read_jsonl", "read_parquet", "read_rows", "read_saved_dataset", "render_prompt",
-           "split_chat"]
+__all__ = ["FORMATS", "detect_format", "examples_from_rows", "has_chat_template", "load_stream_file", "read_csv",
+           "read_examples", "read_json", "read_jsonl", "read_parquet", "read_rows", "read_saved_dataset",
+           "render_prompt", "split_chat", "stream_file_plan", "stream_from_rows"]

@@ -2,17 +2,26 @@
 
 Prompt format, causal LMs (``prompt_format="plain"``, the default):
 
-    tokens = tokenize(input)  +  tokenize(" " + output)  +  [eos]
-             '---- prompt ---'    '--------- answer (the only tokens with a loss) ---------'
+    tokens = tokenize(input)  +  tokenize(sep + output)  +  [eos]
+             '---- prompt ---'    '-------- answer (the only tokens with a loss) --------'
 
 The ``input`` field is used verbatim as the prompt (it already holds the instruction, the options
-and ``Answer:``); the answer is the gold ``output`` preceded by one space and followed by the
-tokenizer's EOS token. Prompt and answer are tokenized separately and concatenated, so the model
-sees at training time exactly the prompt tokens it is given at generation time. Labels are -100
-on the prompt (and on padding): the loss covers only the answer tokens.
+and ``Answer:``); the answer is the gold ``output`` preceded by the separator ``sep`` and followed
+by the tokenizer's EOS token. **The separator rule:** ``sep`` is one space, except after a prompt
+that already ends in whitespace (a newline, a space) or that is a chat template's rendering (an
+``Example`` marked ``templated``: a conversation read from ``messages`` with the tokenizer's
+template): there ``sep`` is empty, so ``"Answer:"`` trains on ``" Sports"`` and
+``"<|im_start|>assistant\n"`` on ``"Sports"``. Prompt and answer are tokenized separately and
+concatenated, so the model sees at training time exactly the prompt tokens it is given at
+generation time. Labels are -100 on the prompt (and on padding): the loss covers only the answer
+tokens.
 
 ``prompt_format="chat"`` wraps ``input`` as a single user turn with the tokenizer's chat template
-(``add_generation_prompt=True``) and trains on ``output`` + EOS; for instruction-tuned models.
+(``add_generation_prompt=True``) and trains on ``output`` + EOS (no separator); for
+instruction-tuned models. A ``templated`` example is already the template's rendering of its
+whole conversation (system turn included): it is tokenized verbatim, never wrapped a second time.
+A templated prompt is tokenized without the tokenizer's own special tokens (the template writes
+them), in either format.
 
 Seq2seq models (T5): the encoder reads ``input`` verbatim; the labels are ``output`` + EOS.
 
@@ -32,11 +41,13 @@ from __future__ import annotations
 import copy
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 
 from .olora import Example
+
+Prompt = Union[Example, str]  # an example (its input and whether it is templated) or a plain prompt text
 
 TAIL_TOKENS = 12
 IGNORE_INDEX = -100
@@ -88,8 +99,8 @@ class Formatter:
         self.truncate_eval_prompts = truncate_eval_prompts
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._cache: dict[tuple[str, str], Encoded] = {}
-        self._prompt_cache: dict[str, list[int]] = {}
+        self._cache: dict[tuple[str, str, bool], Encoded] = {}
+        self._prompt_cache: dict[tuple[str, bool], list[int]] = {}
         self.pad_to = pad_to  # pad every causal training batch to at least this width (None: the longest)
 
     def padded_to(self, width: int | None) -> "Formatter":
@@ -99,25 +110,54 @@ class Formatter:
         return other
 
     # -- token ids -------------------------------------------------------------------------
-    def _full_prompt_ids(self, text: str) -> list[int]:
+    @staticmethod
+    def _key(prompt: Prompt) -> tuple[str, bool]:
+        return (prompt.input, prompt.templated) if isinstance(prompt, Example) else (prompt, False)
+
+    def _full_prompt_ids(self, prompt: Prompt) -> list[int]:
         """The prompt's token ids before truncation, tokenised once per distinct prompt (evaluation
         sorts by length and then collates: a long prompt is not re-tokenised each time)."""
-        ids = self._prompt_cache.get(text)
+        key = self._key(prompt)
+        ids = self._prompt_cache.get(key)
         if ids is None:
-            ids = self._prompt_cache[text] = self._tokenize_prompt(text)
+            text, templated = key
+            ids = self._prompt_cache[key] = (self._tokenize_prompt(text, templated=True) if templated
+                                             else self._tokenize_prompt(text))
         return ids
 
-    def prompt_ids(self, text: str) -> list[int]:
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
         """The prompt's token ids as trained on (truncated to ``max_input_tokens``)."""
-        return truncate(self._full_prompt_ids(text), self.max_input_tokens, self.truncation)
+        return truncate(self._full_prompt_ids(prompt), self.max_input_tokens, self.truncation)
 
-    def eval_prompt_ids(self, text: str) -> list[int]:
+    def eval_prompt_ids(self, prompt: Prompt) -> list[int]:
         """The prompt's token ids as generation sees them (whole with ``truncate_eval_prompts=False``)."""
-        ids = self._full_prompt_ids(text)
+        ids = self._full_prompt_ids(prompt)
         return truncate(ids, self.max_input_tokens, self.truncation) if self.truncate_eval_prompts else list(ids)
 
-    def _tokenize_prompt(self, text: str) -> list[int]:
-        if self.kind == "causal" and self.prompt_format == "chat":
+    def prompt_text(self, prompt: Prompt) -> str:
+        """The exact text the model reads before its answer (the chat template's rendering in chat
+        format), before truncation."""
+        text, templated = self._key(prompt)
+        if self.kind == "causal" and self.prompt_format == "chat" and not templated:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                      tokenize=False)
+        return text
+
+    def separator(self, prompt: Prompt) -> str:
+        """What comes between the prompt and the answer (module docs: the separator rule)."""
+        text, templated = self._key(prompt)
+        if self.kind != "causal" or self.prompt_format != "plain" or templated or text[-1:].isspace():
+            return ""
+        return " "
+
+    def answer_text(self, ex: Example) -> str:
+        """The answer's text as trained on, separator included (EOS follows it)."""
+        return self.separator(ex) + ex.output
+
+    def _tokenize_prompt(self, text: str, templated: bool = False) -> list[int]:
+        if templated:  # the template wrote the special tokens it wants
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        elif self.kind == "causal" and self.prompt_format == "chat":
             ids = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
             ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
@@ -125,19 +165,18 @@ class Formatter:
             ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         return list(ids)
 
-    def answer_ids(self, output: str) -> list[int]:
-        """Target tokens: the answer text and EOS (always kept, even when the text is cut)."""
-        text = output
-        if self.kind == "causal" and self.prompt_format == "plain":
-            text = " " + output
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def answer_ids(self, output: str, prompt: Prompt | None = None) -> list[int]:
+        """Target tokens: the answer text after ``prompt``'s separator, and EOS (always kept, even
+        when the text is cut). Without ``prompt``: the separator after a prompt like ``Answer:``."""
+        sep = self.separator(prompt if prompt is not None else ":")
+        ids = self.tokenizer(sep + output, add_special_tokens=False)["input_ids"]
         return list(ids)[: self.max_target_tokens - 1] + [self.eos_id]
 
     def encode(self, ex: Example) -> Encoded:
-        key = (ex.input, ex.output)
+        key = (ex.input, ex.output, ex.templated)
         enc = self._cache.get(key)
         if enc is None:
-            prompt, answer = self.prompt_ids(ex.input), self.answer_ids(ex.output)
+            prompt, answer = self.prompt_ids(ex), self.answer_ids(ex.output, ex)
             if self.kind == "causal":
                 enc = Encoded(input_ids=prompt + answer, answer_len=len(answer))
             else:
@@ -178,7 +217,7 @@ class Formatter:
 
     def collate_prompts(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         """A padded batch of prompts for generation (left padding for causal models)."""
-        return self.collate_prompt_ids([self.eval_prompt_ids(e.input) for e in examples])
+        return self.collate_prompt_ids([self.eval_prompt_ids(e) for e in examples])
 
     def collate_prompt_ids(self, prompts: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         """Token-id prompts padded into a batch (left padding for causal models)."""

@@ -57,6 +57,9 @@ class Example:
     input: str
     output: str
     task: str
+    # ``input`` is already a chat template's rendering (a conversation's turns and the generation
+    # prompt): it is tokenized verbatim, never wrapped in another user turn (data.formatting)
+    templated: bool = False
 
 
 def task_file(data_dir: str | Path, split: str, task: str) -> Path | None:

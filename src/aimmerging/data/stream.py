@@ -167,12 +167,14 @@ DEV_SOURCES = {
 }
 
 
-def prepare_tasks(stream: TaskStream, *, seed: int, train_cap: Optional[int] = None, eval_cap: Optional[int] = None,
+def prepare_tasks(stream: TaskStream, *, seed: int, eval_seed: Optional[int] = None, train_cap: Optional[int] = None,
+                  eval_cap: Optional[int] = None,
                   eval_split: str = "test", need_dev: bool = False,
                   metric_for: Callable[[str, list[Example]], str], holdout: float | None = None,
                   dev_test_overlap: str = "holdout") -> dict[str, TaskData]:
     """Read and check every split the run needs before any training starts; ``metric_for(task,
-    full training set)`` names each task's metric.
+    full training set)`` names each task's metric. ``eval_seed`` (default: ``seed``) alone draws the
+    capped test subset, so that runs of other training seeds score the same test examples.
 
     ``holdout``: hold this fraction of each task's (capped) training set out of training, for
     validation (``TaskData.holdout``; the reference's single-task runs). ``need_dev``: load a
@@ -201,7 +203,7 @@ def prepare_tasks(stream: TaskStream, *, seed: int, train_cap: Optional[int] = N
                     source = "train-holdout"
         out[task] = TaskData(
             name=task, train=train,
-            test=balanced_subsample(scored_full, eval_cap, f"{seed}-test-{task}"),
+            test=balanced_subsample(scored_full, eval_cap, f"{seed if eval_seed is None else eval_seed}-test-{task}"),
             dev=dev, outputs=frozenset(e.output for e in train_full),
             metric=metric_for(task, train_full), holdout=held, dev_source=source)
     return out

@@ -14,7 +14,7 @@ from .scoring import SCORERS
 class TaskEvaluation:
     task: str
     score: float  # mean of the per-example scores
-    rows: list[dict]  # {id, gold, prediction, score} per evaluated example
+    rows: list[dict]  # {id, prompt, gold, prediction, score} per evaluated example (prompt: the text the model read)
 
 
 def evaluate_tasks(model, formatter: Formatter, data: dict[str, TaskData], tasks: list[str], *, batch_size: int,
@@ -33,6 +33,7 @@ def evaluate_tasks(model, formatter: Formatter, data: dict[str, TaskData], tasks
                                      autocast_dtype=autocast_dtype, first_pass_tokens=needed)
         scorer = SCORERS[d.metric]
         per = [scorer(p, e.output) for p, e in zip(preds, d.test)]
-        rows = [{"id": e.id, "gold": e.output, "prediction": p, "score": s} for e, p, s in zip(d.test, preds, per)]
+        rows = [{"id": e.id, "prompt": formatter.prompt_text(e), "gold": e.output, "prediction": p, "score": s}
+                for e, p, s in zip(d.test, preds, per)]
         out[task] = TaskEvaluation(task, sum(per) / len(per), rows)
     return out

@@ -15,7 +15,7 @@ from ..data.olora import Example
 
 def length_batches(formatter: Formatter, examples: Sequence[Example], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar prompt length (less padding, same result)."""
-    order = sorted(range(len(examples)), key=lambda i: len(formatter.eval_prompt_ids(examples[i].input)))
+    order = sorted(range(len(examples)), key=lambda i: len(formatter.eval_prompt_ids(examples[i])))
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
 
@@ -59,7 +59,7 @@ def generate_predictions(model, formatter: Formatter, examples: Sequence[Example
     results: list[tuple[int, str]] = []
     bar = tqdm(mine, desc=desc, unit="batch", leave=False, disable=not progress or rank != 0)
     for batch in bar:
-        prompts = [formatter.eval_prompt_ids(examples[i].input) for i in batch]
+        prompts = [formatter.eval_prompt_ids(examples[i]) for i in batch]
         with _autocast(device, autocast_dtype):
             new = _generate(model, formatter, prompts, None, gen_config, first, device)
             late = [r for r, ids in enumerate(new) if len(ids) == first and formatter.eos_id not in ids]

@@ -1,55 +1,43 @@
-"""Fusion rules: stateless functions on adapter tensors, registered by name (``FUSION_RULES``).
+"""Fusion: every merge rule, registered by name (``FUSION_RULES``) when this package is imported,
+each declaring its parameters, and the one function that writes a fusion into an adapter.
 
 A rule takes, for one parameter tensor, the ``base`` (e.g. the anchor of the last merge), a list
 of ``deltas`` (updates relative to it, e.g. AIMMerging's Delta_in and Delta_out) and one weight
-per delta, and returns the fused tensor. :func:`fuse_in_place` applies a rule to every LoRA
-parameter of a model: the one place where fused values are written into an adapter, and only when
-every fused value is finite.
+per delta, and returns the fused tensor (:mod:`aimmerging.fusion.rules`). :func:`fuse_in_place`
+applies a rule to every LoRA parameter of a model: the one place where fused values are written
+into an adapter in training, and only when every fused value is finite.
+:func:`~aimmerging.fusion.lora.merge_adapters` merges whole adapters (the merging methods), in the
+space of the weight updates ``B @ A`` (re-factored into rank r) or of the A and B tensors.
 
-Registered: ``weighted-sum`` (the reference's fusion: base + sum_i w_i delta_i). The merging
-baselines of later work (TIES, DARE) fit the same signature and can use ``peft.utils.merge_utils``.
-Adding a rule is one function here (or in the user's code) plus ``FUSION_RULES.register``.
-Recurrent-KIF's importance-masked fusion (:mod:`aimmerging.fusion.importance`) is not a registered
-rule: it needs every entry's importance and a threshold over all tensors, not two scalar weights.
+Registered (``aimmerging run --help`` lists each with its parameters and defaults):
+
+* ``weighted-sum``: base + sum_i w_i delta_i (the reference's fusion; task arithmetic);
+* ``ties``, ``dare``, ``magmax`` (:mod:`aimmerging.fusion.task_vectors`): TIES-Merging (``density``,
+  ``majority_sign``), DARE (``rate``, ``seed``), MagMax;
+* ``importance-mask`` (:mod:`aimmerging.fusion.importance`): Recurrent-KIF's importance-masked
+  merge (``keep``, ``beta1``, ``beta2``), a rule with state (the importance EMAs of |w * grad|,
+  gathered after every optimizer step by the method that uses it).
+
+Adding a rule is one function (here or in the user's code) plus :func:`fusion_rule` (or
+``FUSION_RULES.register``; keyword-only arguments with defaults are then its parameters).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
-import torch
-
-from ..registry import Registry
-
-FusionRule = Callable[[torch.Tensor, Sequence[torch.Tensor], Sequence[float]], torch.Tensor]
-FUSION_RULES: Registry[FusionRule] = Registry("fusion rule")
+from .rules import (FUSION_RULES, FusionRule, Param, RuleState, call_kwargs, derive_seed, describe, fuse_in_place,
+                    fusion_rule, given_params, optimizer_hook, resolve_params, rule_function, rule_name, rule_params,
+                    rule_state, weighted_sum, write_if_finite)
+from . import task_vectors  # noqa: E402  registers ties, dare, magmax
+from . import importance  # noqa: E402  registers importance-mask
+from .lora import SPACES, merge_adapters, refactor  # noqa: E402
 
 
-@FUSION_RULES.register("weighted-sum")
-def weighted_sum(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """base + w_1 delta_1 + w_2 delta_2 + ..., summed left to right."""
-    out = base
-    for w, d in zip(weights, deltas, strict=True):
-        out = out + w * d
-    return out
+def params_help() -> str:
+    """Every registered rule with its parameters and defaults, for ``--help``."""
+    return "; ".join(describe(name) for name in FUSION_RULES if rule_params(name))
 
 
-@torch.no_grad()
-def fuse_in_place(params, anchor, theta_k, w_in: float, w_out: float, rule: str | FusionRule = "weighted-sum") -> bool:
-    """AIMMerging fusion, in place, with ``rule`` (default the reference's):
-    theta <- anchor + w_in * (theta_k - anchor) + w_out * (theta - theta_k).
-
-    ``theta_k`` is the adapter before the replay steps (so theta_k - anchor is the new-task update
-    Delta_in) and the current ``params`` are the adapter after them (theta - theta_k = Delta_out).
-
-    Returns True when the fused values were written. When any fused value is not finite (NaN,
-    +-inf) nothing is written and it returns False: ``params`` keep their values and the caller
-    chooses the fall-back (AIMMerging: theta_k).
-    """
-    fn = FUSION_RULES.get(rule) if isinstance(rule, str) else rule
-    fused = [fn(a, [k - a, p - k], [w_in, w_out]) for p, a, k in zip(params, anchor, theta_k)]
-    if not all(bool(torch.isfinite(t).all()) for t in fused):
-        return False
-    for p, t in zip(params, fused):
-        p.copy_(t)
-    return True
+__all__ = ["FUSION_RULES", "FusionRule", "Param", "RuleState", "SPACES", "call_kwargs", "derive_seed", "describe",
+           "fuse_in_place", "fusion_rule", "given_params", "importance", "merge_adapters", "optimizer_hook",
+           "params_help", "refactor", "resolve_params", "rule_function", "rule_name", "rule_params", "rule_state",
+           "task_vectors", "weighted_sum", "write_if_finite"]

@@ -20,15 +20,14 @@ inner and an outer task vector through those masks.
   (``update_parameters_with_task_vectors``), which the paper's text does not give.
 * :func:`fuse_masked_in_place`: the same over every LoRA tensor, written only when every fused value
   is finite (the contract of :func:`aimmerging.fusion.fuse_in_place`).
-
-Not a registered fusion rule: a rule of ``FUSION_RULES`` sees one tensor and two scalar weights,
-while this one needs the importance of every entry and a threshold taken over all tensors. A method
-that tracks importance calls :func:`fuse_masked_in_place` instead of ``fuse_in_place``. AIMMerging
-could, with an :class:`ImportanceEMA` per phase fed after each inner and each replay optimizer step
-(an ``optimizer.register_step_post_hook``, as ``methods/rkif.py`` does), at a merge:
-``fuse_masked_in_place(params, anchor, theta_k, top_fraction_masks(inner.scores(), 0.2),
-top_fraction_masks(outer.scores(), 0.2), (d.w_in, d.w_out))``, i.e. its scheduled weights where
-neither mask selects an entry.
+* :class:`ImportanceTracker`: the state of the registered fusion rule ``importance-mask``
+  (parameters ``keep`` = 0.2, ``beta1`` = ``beta2`` = 0.85): an inner and an outer
+  :class:`ImportanceEMA`, fed after every optimizer step of the phase it is in (``phase``:
+  ``"inner"`` for task steps, ``"outer"`` for replay steps); at a merge it gives each tensor the
+  two top-``keep`` masks, and after it empties the inner EMA and keeps the outer one for the task
+  (Recurrent-KIF's flags). ``methods/rkif.py`` uses it, and so does AIMMerging with ``--fusion
+  importance-mask``: there the weights where neither mask selects an entry are the controller's
+  scheduled ``(w_in, w_out)`` of the merge (Recurrent-KIF: 0.5, 0.5), the rest as above.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import weighted_sum
+from .rules import Param, fusion_rule, weighted_sum, write_if_finite
 
 BOTH_SELECTED = (0.4, 0.6)  # (inner, outer) weight where both masks select an entry (Recurrent-KIF code)
 NEITHER_SELECTED = (0.5, 0.5)  # the same where neither does (Recurrent-KIF code)
@@ -105,6 +104,42 @@ def top_fraction_masks(scores: Sequence[torch.Tensor], keep: float = 0.2) -> lis
     return [(s > threshold).float() for s in scores]
 
 
+class ImportanceTracker:
+    """The state of ``importance-mask`` (module docstring): inner and outer importance EMAs."""
+
+    def __init__(self, keep: float = 0.2, beta1: float = 0.85, beta2: float = 0.85):
+        if not 0 < keep <= 1:
+            raise ValueError(f"keep must be in (0, 1], got {keep}")
+        self.keep = keep
+        self.inner, self.outer = ImportanceEMA(beta1, beta2), ImportanceEMA(beta1, beta2)
+        self.phase = "inner"
+        self.last_masks: Optional[tuple[list[torch.Tensor], list[torch.Tensor]]] = None
+
+    def observe(self, params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]]) -> None:
+        (self.inner if self.phase == "inner" else self.outer).update(params, grads)
+
+    def masks(self, params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The inner and outer top-``keep`` masks, one per tensor of ``params``."""
+        m_in = top_fraction_masks(self.inner.scores(params), self.keep)
+        m_out = top_fraction_masks(self.outer.scores(params), self.keep)
+        self.last_masks = (m_in, m_out)
+        return m_in, m_out
+
+    def tensor_kwargs(self, params: Sequence[torch.Tensor]) -> list[dict]:
+        m_in, m_out = self.masks(params)
+        return [{"masks": [mi.to(p.device), mo.to(p.device)]} for p, mi, mo in zip(params, m_in, m_out, strict=True)]
+
+    def merged(self) -> None:
+        self.inner.reset()
+
+
+@fusion_rule("importance-mask",
+             Param("keep", float, 0.2, "fraction of all LoRA entries each importance mask selects",
+                   lambda v: 0 < v <= 1, "be in (0, 1]"),
+             Param("beta1", float, 0.85, "EMA coefficient of the sensitivity |w * grad|", lambda v: 0 < v < 1,
+                   "be in (0, 1)"),
+             Param("beta2", float, 0.85, "EMA coefficient of the uncertainty", lambda v: 0 < v < 1, "be in (0, 1)"),
+             state=ImportanceTracker)
 def importance_mask(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float], *,
                     masks: Sequence[torch.Tensor]) -> torch.Tensor:
     """base + w_in * delta_in + w_out * delta_out, the per-entry weights chosen by the inner and
@@ -125,12 +160,8 @@ def fuse_masked_in_place(params, anchor, theta_k, masks_in, masks_out,
     nothing is written, and False returned, when a fused value is not finite."""
     fused = [importance_mask(a, [k - a, p - k], weights, masks=[mi.to(p.device), mo.to(p.device)])
              for p, a, k, mi, mo in zip(params, anchor, theta_k, masks_in, masks_out, strict=True)]
-    if not all(bool(torch.isfinite(t).all()) for t in fused):
-        return False
-    for p, t in zip(params, fused):
-        p.copy_(t)
-    return True
+    return write_if_finite(params, fused)
 
 
-__all__ = ["BOTH_SELECTED", "NEITHER_SELECTED", "ImportanceEMA", "fuse_masked_in_place", "importance_mask",
-           "quantile", "top_fraction_masks"]
+__all__ = ["BOTH_SELECTED", "NEITHER_SELECTED", "ImportanceEMA", "ImportanceTracker", "fuse_masked_in_place",
+           "importance_mask", "quantile", "top_fraction_masks"]

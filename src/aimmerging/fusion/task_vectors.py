@@ -3,9 +3,11 @@
 Each rule has the fusion-rule signature of :mod:`aimmerging.fusion`, ``(base, deltas, weights) ->
 tensor``, for one tensor: ``base`` is what the merged update is added to, ``deltas`` are the task
 vectors (all of one shape) and ``weights`` one number per task vector. Importing this module
-registers them in ``FUSION_RULES`` (``ties``, ``dare``, ``magmax``; task arithmetic is the
-existing ``weighted-sum``), so ``--fusion`` offers them to AIMMerging too. Rule-specific
-parameters are keyword-only arguments with defaults, so the plain three-argument call works.
+registers them in ``FUSION_RULES`` (``ties``, ``dare``, ``magmax``; task arithmetic is
+``weighted-sum``); ``aimmerging.fusion`` imports it, so every user of the package (``--fusion`` of
+AIMMerging, ``aimmerging.hf``, the merging methods) sees them. Rule-specific parameters are
+keyword-only arguments with defaults, so the plain three-argument call works, and each is declared
+(:class:`~aimmerging.fusion.rules.Param`) so that ``--fusion-params`` reaches it, checked.
 
 The rules are elementwise on whatever tensors they are given: they know nothing of LoRA. The
 merging methods (:mod:`aimmerging.methods.task_merging`) decide the space (the weight update
@@ -48,7 +50,7 @@ from typing import Sequence
 
 import torch
 
-from . import FUSION_RULES
+from .rules import Param, fusion_rule
 
 SIGN_METHODS = ("total", "frequency")
 
@@ -67,7 +69,11 @@ def _weights(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor([float(w) for w in weights], dtype=like.dtype, device=like.device)
 
 
-@FUSION_RULES.register("ties")
+@fusion_rule("ties",
+             Param("density", float, 0.2, "fraction of each delta's entries kept (largest magnitudes)",
+                   lambda v: 0 <= v <= 1, "be in [0, 1]"),
+             Param("majority_sign", str, "total", "sign election by the summed mass or by counting signs",
+                   choices=SIGN_METHODS))
 def ties(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float], *, density: float = 0.2,
          majority_sign: str = "total") -> torch.Tensor:
     """base + disjoint mean of the weighted trimmed deltas that agree with the elected sign."""
@@ -92,7 +98,10 @@ def dare_masks(shape: torch.Size, n: int, rate: float, seed: int) -> list[torch.
     return [torch.bernoulli(keep, generator=g) for _ in range(n)]
 
 
-@FUSION_RULES.register("dare")
+@fusion_rule("dare",
+             Param("rate", float, 0.5, "probability of dropping each entry (the rest rescaled by 1/(1-rate))",
+                   lambda v: 0 <= v < 1, "be in [0, 1)"),
+             Param("seed", int, 0, "seed of the drop masks", lambda v: 0 <= v < 2**63, "be in [0, 2**63)", seed=True))
 def dare(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float], *, rate: float = 0.5,
          seed: int = 0) -> torch.Tensor:
     """base + sum_i w_i * (m_i * delta_i) / (1 - rate), m_i ~ Bernoulli(1 - rate) entrywise (seeded)."""
@@ -109,7 +118,7 @@ def dare(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[f
     return base + task_arithmetic(dropped, _weights(weights, dropped[0]))
 
 
-@FUSION_RULES.register("magmax")
+@fusion_rule("magmax")
 def magmax(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """base + w_k * delta_k entrywise, k = argmax_i |delta_i| (the later delta on a tie)."""
     _check(deltas, weights)

@@ -62,12 +62,13 @@ from transformers import TrainerCallback
 from ..controller import ControllerConfig, MergeController, MergeDecision
 from ..data.formatting import IGNORE_INDEX
 from ..errors import ConfigError, UserError
-from ..fusion import FUSION_RULES
+from ..fusion import FUSION_RULES, given_params, rule_name, rule_params, rule_state
 from ..io import atomic_write_json, json_safe
-from ..models.lora import all_finite, l1_distance, lora_parameters, restore, snapshot
+from ..models.lora import l1_distance, lora_parameters, snapshot
 from ..methods.aimmerging import controller_step, fuse_or_fall_back, merge_record
+from ..runs.layout import RunLayout
 from ..trace import read_trace, split_tasks
-from ..training.engine import optimizer_state, restore_optimizer_state
+from ..training.engine import guarded_step
 
 SOURCE = "aimmerging.hf"  # the "source" of a results.json written here (never overwrite another's)
 PROBE_MODES = ("train", "eval")
@@ -123,7 +124,9 @@ class AIMMergingCallback(TrainerCallback):
         config: a :class:`~aimmerging.controller.ControllerConfig` (or mapping); keyword
             ``controller settings`` (``initial_interval=2``, ``schedule="paper"``, ...) override it.
         probe_mode: ``"train"`` (reference: dropout on, loss / accumulation steps) or ``"eval"``.
-        fusion: a name in ``aimmerging.fusion.FUSION_RULES`` or a rule function.
+        fusion: a name in ``aimmerging.fusion.FUSION_RULES`` or a rule function; a rule with state
+            (``importance-mask``) is refused here, one line.
+        fusion_params: the rule's parameters (``{"rate": 0.3}``), checked against those it declares.
         output_dir: where ``trace.jsonl`` (and ``results.json``) go; default ``args.output_dir``.
         seed: seeds the probe and replay batch draws (with ``task_index``), as the runner's ``--seed``.
         memory_batch_size: memory rows per probe and per replay step (global, over all processes).
@@ -132,13 +135,17 @@ class AIMMergingCallback(TrainerCallback):
 
     def __init__(self, memory: Any = (), *, task: str = "task", task_index: int = 0, config: Any = None,
                  probe_mode: str = "train", fusion: str | Callable = "weighted-sum",
-                 output_dir: Optional[str] = None, seed: int = 42, memory_batch_size: int = 32,
-                 write_results: bool = True, **controller_settings: Any):
+                 fusion_params: Optional[Mapping[str, Any]] = None, output_dir: Optional[str] = None, seed: int = 42,
+                 memory_batch_size: int = 32, write_results: bool = True, **controller_settings: Any):
         self.config = controller_config(config, controller_settings)
         if probe_mode not in PROBE_MODES:
             raise ConfigError(f"probe_mode: '{probe_mode}' is not one of {', '.join(PROBE_MODES)}")
         if isinstance(fusion, str) and fusion not in FUSION_RULES:
             raise ConfigError(f"fusion: '{fusion}' is not one of {', '.join(FUSION_RULES)}")
+        if rule_state(fusion) is not None:
+            raise ConfigError(f"fusion: '{rule_name(fusion)}' needs state gathered after every optimizer step, which "
+                              "AIMMergingCallback does not gather; use aimmerging run --method aimmerging")
+        self.fusion_params = given_params(fusion, fusion_params)
         if not isinstance(memory_batch_size, int) or memory_batch_size < 1:
             raise ConfigError(f"memory_batch_size: must be a positive integer, got {memory_batch_size!r}")
         if not isinstance(task_index, int) or task_index < 0:
@@ -255,7 +262,8 @@ class AIMMergingCallback(TrainerCallback):
 
     def _replay_step(self, model) -> Optional[float]:
         """One replay update on a fresh memory batch (loss / accumulation steps, as the reference);
-        None when it was skipped (a non-finite loss, gradient or resulting adapter: nothing changes)."""
+        None when it was skipped (a non-finite loss, gradient or resulting adapter, or an overflowing
+        update, decided alike on every rank: nothing changes; ``training.engine.guarded_step``)."""
         rows = self._draw(self._replay_rng)
         batches, tokens = self._local_batches(rows)
         n = max(1.0, self._reduce([tokens])[0])
@@ -279,20 +287,11 @@ class AIMMergingCallback(TrainerCallback):
             self._zero_grad()
             return None
         max_norm = self._max_grad_norm if self._max_grad_norm and self._max_grad_norm > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self._trainable, max_norm)
-        if not math.isfinite(float(norm)):
-            self._zero_grad()
-            return None
-        with torch.no_grad():
-            before = [p.detach().clone() for p in self._params]
-        state = optimizer_state(self._optimizer)
-        self._optimizer.step()
+        skipped = guarded_step(self._params, self._optimizer,
+                               lambda: torch.nn.utils.clip_grad_norm_(self._trainable, max_norm),
+                               lambda bad: self._reduce([float(bad)])[0] > 0)  # the same decision on every rank
         self._zero_grad()
-        if not all_finite(self._params):
-            restore(self._params, before)
-            restore_optimizer_state(self._optimizer, state)
-            return None
-        return loss
+        return loss if skipped is None else None
 
     def _merge(self, model, d: MergeDecision) -> dict:
         theta_k = snapshot(self._params)
@@ -302,7 +301,10 @@ class AIMMergingCallback(TrainerCallback):
             losses = [self._replay_step(model) for _ in range(d.outer_steps)]
         finally:
             model.train(was_training)
-        fallback = fuse_or_fall_back(self._params, self._anchor, theta_k, d, self.fusion)
+        salt = None  # a random rule (DARE) draws fresh masks at every merge
+        if any(p.seed for p in rule_params(self.fusion)):
+            salt = f"{self.seed}-{self.task_index}-{sum(r.get('event') == 'merge' for r in self.records)}"
+        fallback = fuse_or_fall_back(self._params, self._anchor, theta_k, d, self.fusion, self.fusion_params, salt=salt)
         self._anchor = snapshot(self._params)
         return merge_record(d, losses, fallback)
 
@@ -350,7 +352,7 @@ class AIMMergingCallback(TrainerCallback):
         self._replay_rng = random.Random(f"replay-{self.seed}-{self.task_index}")
         if self._main:
             self._dir.mkdir(parents=True, exist_ok=True)
-            self._trace = open(self._dir / "trace.jsonl", "a", encoding="utf-8")
+            self._trace = open(RunLayout(self._dir).trace, "a", encoding="utf-8")
         self._emit({"event": "task_start", "step": 0, "memory_size": len(self.memory),
                     "controller": self.config.to_dict()})
 
@@ -397,7 +399,7 @@ class AIMMergingCallback(TrainerCallback):
 
     # -- results.json for `aimmerging plot` -----------------------------------------------------------------------
     def _write_results(self) -> None:
-        path = self._dir / "results.json"
+        path = RunLayout(self._dir).results
         if path.is_file():
             try:
                 existing = json.loads(path.read_text(encoding="utf-8"))
@@ -406,9 +408,9 @@ class AIMMergingCallback(TrainerCallback):
             if not isinstance(existing, dict) or existing.get("source") != SOURCE:
                 return  # someone else's results (a runner's, train_stream's): never overwritten
         names: dict[int, str] = {}
-        if (self._dir / "trace.jsonl").is_file():
+        if RunLayout(self._dir).trace.is_file():
             try:
-                names = {t.index: t.name for t in split_tasks(read_trace(self._dir / "trace.jsonl"))}
+                names = {t.index: t.name for t in split_tasks(read_trace(RunLayout(self._dir).trace))}
             except UserError:
                 names = {}
         if path.is_file():

@@ -3,7 +3,9 @@
 * :func:`tokenize_examples` turns :class:`~aimmerging.data.olora.Example` objects (or
   ``{"input", "output"}`` dicts) into the rows a ``Trainer`` trains on, tokenised exactly as
   aimmerging's own runner does (``aimmerging.data.formatting``): causal models get
-  ``input_ids`` = prompt + ``" " + output`` + EOS with ``labels`` -100 on the prompt; seq2seq
+  ``input_ids`` = prompt + separator + output + EOS (the separator: one space, none after a
+  prompt that ends in whitespace or a chat template's prompt; ``Formatter.separator``) with
+  ``labels`` -100 on the prompt; seq2seq
   models get the prompt as ``input_ids`` and ``output`` + EOS as ``labels``.
 * :class:`PadCollator` pads such rows into a batch (left padding with ``position_ids`` by
   default, as the runner; or right padding). ``transformers.DataCollatorForSeq2Seq`` works too.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from ..data.memory import ReplayMemory
 from ..data.olora import Example
@@ -15,6 +15,7 @@ from ..errors import ConfigError, UserError
 from ..evaluation.metrics import all_metrics
 from ..io import atomic_write_json
 from ..models.lora import lora_parameters
+from ..runs.layout import RunLayout
 from .callback import AIMMergingCallback, controller_config
 from .data import as_examples, label_of
 
@@ -69,7 +70,8 @@ def train_stream(tasks: Sequence[tuple[str, Any, Any]], trainer_factory: Callabl
                  model: Any, tokenizer: Any = None, memory_ratio: float = 2.0,
                  memory_cap_per_task: Optional[int] = None, seed: int = 42, evaluate: Optional[Evaluate] = None,
                  output_dir: Optional[str] = None, memory_batch_size: int = 32, probe_mode: str = "train",
-                 fusion: str | Callable = "weighted-sum", config: Any = None, eval_batch_size: int = 16,
+                 fusion: str | Callable = "weighted-sum", fusion_params: Optional[Mapping[str, Any]] = None,
+                 config: Any = None, eval_batch_size: int = 16,
                  max_new_tokens: Optional[int] = None, max_input_tokens: int = 1024,
                  **controller_settings: Any) -> StreamResult:
     """Train ``tasks`` one after another with Hugging Face trainers and AIMMerging; evaluate every
@@ -99,7 +101,7 @@ def train_stream(tasks: Sequence[tuple[str, Any, Any]], trainer_factory: Callabl
     ``memory_cap_per_task`` caps a task's share). ``evaluate(model, task_name, examples) -> score``
     defaults to greedy generation with exact match (ROUGE-L for free-text tasks), sharded over
     the processes. ``controller_settings`` (``initial_interval=...``, ...), ``config``,
-    ``probe_mode``, ``fusion`` and ``memory_batch_size`` go to every callback.
+    ``probe_mode``, ``fusion``, ``fusion_params`` and ``memory_batch_size`` go to every callback.
 
     Writes ``trace.jsonl`` (started afresh) and ``results.json`` (tasks, accuracy matrix, metrics,
     ``complete``) into ``output_dir`` (default: the first trainer's ``args.output_dir``), so
@@ -144,7 +146,8 @@ def train_stream(tasks: Sequence[tuple[str, Any, Any]], trainer_factory: Callabl
     for k, (name, train_dataset, eval_items) in enumerate(tasks):
         memory = _memory_rows(history, memory_ratio, seed, memory_cap_per_task)
         callback = AIMMergingCallback(memory, task=names[k], task_index=k, config=config, probe_mode=probe_mode,
-                                      fusion=fusion, output_dir=str(out) if out is not None else None, seed=seed,
+                                      fusion=fusion, fusion_params=fusion_params,
+                                      output_dir=str(out) if out is not None else None, seed=seed,
                                       memory_batch_size=memory_batch_size, write_results=False)
         trainer = trainer_factory(model, train_dataset, [callback])
         if callback not in trainer.callback_handler.callbacks:
@@ -162,8 +165,8 @@ def train_stream(tasks: Sequence[tuple[str, Any, Any]], trainer_factory: Callabl
             callback.output_dir = str(out)
         if k == 0 and main:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "trace.jsonl").unlink(missing_ok=True)  # a fresh trace: the callbacks append
-            (out / "results.json").unlink(missing_ok=True)
+            RunLayout(out).trace.unlink(missing_ok=True)  # a fresh trace: the callbacks append
+            RunLayout(out).results.unlink(missing_ok=True)
         tok = _tokenizer_of(trainer, tokenizer)
         evals[names[k]] = as_examples(eval_items, names[k], tok)
 
@@ -208,6 +211,6 @@ def _memory_rows(history: list[tuple[str, Any, list[str]]], ratio: float, seed: 
 
 def _write_results(out: Path, tasks: list[str], matrix: list, model: Any, complete: bool) -> None:
     base = getattr(model, "get_base_model", lambda: model)()
-    atomic_write_json(out / "results.json", {
+    atomic_write_json(RunLayout(out).results, {
         "source": SOURCE, "method": "aimmerging (transformers trainer)", "model": type(base).__name__,
         "tasks": tasks, "accuracy_matrix": matrix, "metrics": all_metrics(matrix), "complete": complete})

@@ -9,7 +9,9 @@ or is named by import path (``my_pkg.my_module:MyMethod``) on the command line a
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
+import sys
 
 from ..errors import ConfigError
 from ..registry import Registry
@@ -54,6 +56,23 @@ def builtin_names() -> list[str]:
     return sorted(n for n, cls in METHODS.items() if cls.__module__.startswith(f"{__name__}."))
 
 
+def import_user_module(name: str):
+    """``importlib.import_module(name)``, also finding a module in the current directory as
+    ``python -m`` and ``python script.py`` do (the ``aimmerging`` command does not put it on
+    ``sys.path``): when ``name`` is not found elsewhere, the current directory is added to the end
+    of ``sys.path`` (an installed package of the same name still wins) and the import retried."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        top = name.split(".")[0]
+        cwd = os.getcwd()
+        if e.name not in (top, name) or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        importlib.invalidate_caches()
+        return importlib.import_module(name)
+
+
 def resolve_method(spec: str | type[Method] | Method) -> type[Method]:
     """The method class for a registered name, an import path ``module:Class`` (or
     ``module.Class``), a Method subclass or a Method instance."""
@@ -69,7 +88,7 @@ def resolve_method(spec: str | type[Method] | Method) -> type[Method]:
     if ":" in spec or "." in spec:
         module_name, _, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
         try:
-            module = importlib.import_module(module_name)
+            module = import_user_module(module_name)
         except ImportError as e:
             raise ConfigError(f"method '{spec}': cannot import module '{module_name}' ({e})") from None
         cls = getattr(module, attr, None)

@@ -8,6 +8,16 @@ For every task after the first (the first has no memory and trains plainly), aft
 3. the controller decides; on a merge: theta_k <- theta; ``outer_steps`` replay steps on memory
    batches; theta <- fusion(anchor, [theta_k - anchor, theta - theta_k], [w_in, w_out]); anchor <- theta.
 
+The fusion rule is ``--fusion`` (any rule of ``aimmerging.fusion.FUSION_RULES``; default the
+reference's ``weighted-sum``) with ``--fusion-params NAME=VALUE,...`` (e.g. ``--fusion dare
+--fusion-params rate=0.3,seed=1``; checked when the config is built). A random rule (DARE) draws
+fresh masks at every merge: its seed is mixed with a draw of the stage's ``fusion`` random stream
+and the tensor's index. A rule with state (``importance-mask``, Recurrent-KIF's importance-masked
+merge) gets it here: the state is created at the task start, fed after every optimizer step (a
+post-step hook on the task's optimizer and on the separate replay optimizer), in the ``inner``
+phase for task steps and the ``outer`` phase for replay steps, and handed to the fusion, where
+the controller's ``(w_in, w_out)`` apply to the entries neither importance mask selects.
+
 ``merge-fixed`` is this method with the ``fixed`` schedule (merge every S0 steps, fixed weights)
 and ``merge-end`` with the ``end`` schedule (one replay phase and fusion at the task end); neither
 probes the memory.
@@ -30,7 +40,7 @@ import torch
 
 from ..controller import ControllerConfig, MergeController, MergeDecision
 from .. import fusion
-from ..fusion import FUSION_RULES
+from ..fusion import FUSION_RULES, given_params, params_help
 from ..models.lora import all_finite, l1_distance, restore, snapshot
 from ..settings import option
 from . import register_method
@@ -51,11 +61,15 @@ class MergingSettings(ControllerConfig):
     outer_optimizer: str = option("inner", OUTER_OPTIMIZER_HELP, OUTER_OPTIMIZERS)
     outer_lr: float = option(1e-3, "learning rate of the separate replay optimizer (--outer-optimizer separate)")
     fusion: str = option("weighted-sum", "fusion rule of a merge", FUSION_RULES.choices())
+    fusion_params: Optional[dict] = option(None, "parameters of the fusion rule, NAME=VALUE,... (rules with "
+                                           f"parameters and their defaults: {params_help()})", pairs="NAME=VALUE")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.outer_lr > 0:
             raise ValueError("outer_lr: must be > 0")
+        if self.fusion in FUSION_RULES:  # an unknown rule is reported by its choices
+            self.fusion_params = given_params(self.fusion, self.fusion_params)
 
     def controller_config(self, schedule: Optional[str] = None) -> ControllerConfig:
         names = {f.name for f in fields(ControllerConfig)}
@@ -83,12 +97,15 @@ def controller_step(controller: MergeController, params, anchor, step: int, reco
     return decision
 
 
-def fuse_or_fall_back(params, anchor, theta_k, d: MergeDecision, rule) -> Optional[str]:
-    """Fuse in place with the decision's weights; a non-finite fusion (not written, or undone)
-    falls back to ``theta_k``, the adapter before the replay steps. Returns the fallback, if any.
+def fuse_or_fall_back(params, anchor, theta_k, d: MergeDecision, rule, rule_params=None, *, state=None,
+                      salt=None) -> Optional[str]:
+    """Fuse in place with the decision's weights (``rule_params``, ``state`` and ``salt`` as
+    :func:`aimmerging.fusion.fuse_in_place`); a non-finite fusion (not written, or undone) falls
+    back to ``theta_k``, the adapter before the replay steps. Returns the fallback, if any.
     (Shared with ``aimmerging.hf``'s callback.)"""
+    extra = {k: v for k, v in (("rule_params", rule_params), ("state", state), ("salt", salt)) if v is not None}
     # the module attribute, so that a test can fault the fusion by patching aimmerging.fusion
-    fused = fusion.fuse_in_place(params, anchor, theta_k, d.w_in, d.w_out, rule)
+    fused = fusion.fuse_in_place(params, anchor, theta_k, d.w_in, d.w_out, rule, **extra)
     if fused is False or not all_finite(params):
         restore(params, theta_k)
         return "theta_k (non-finite fusion: replay update dropped)"
@@ -124,6 +141,14 @@ class Merging(Method):
 
             opt = torch.optim.AdamW(view.params, lr=self.settings.outer_lr)
             self.outer = (opt, get_linear_schedule_with_warmup(opt, OUTER_WARMUP_STEPS, OUTER_SCHEDULE_STEPS))
+        self.fusion_state, self.hooks = None, []
+        rule = self.settings.fusion
+        factory = fusion.rule_state(rule)
+        if factory is not None:  # the rule's state, fed after every optimizer step of this task
+            self.fusion_state = factory(**fusion.resolve_params(rule, self.settings.fusion_params))
+            hook = fusion.optimizer_hook(self.fusion_state, view.params)
+            optimizers = [view.optimizer] + ([self.outer[0]] if self.outer else [])
+            self.hooks = [opt.register_step_post_hook(hook) for opt in optimizers]
         with view.timed("bookkeeping"):
             self.anchor = snapshot(view.params)
         view.emit({"event": "task_start", "step": 0, "memory_size": len(view.memory), "controller": config.to_dict()})
@@ -169,15 +194,27 @@ class Merging(Method):
             return None
         with view.timed("bookkeeping"):
             decision = self.controller.end_of_task(view.step, l1_distance(view.params, self.anchor))
-        return [self.merge(view, decision)] if decision else None
+        extra = [self.merge(view, decision)] if decision else None
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+        return extra
 
     def merge(self, view, d: MergeDecision) -> dict:
         with view.timed("bookkeeping"):
             theta_k = snapshot(view.params)
+        state = self.fusion_state
+        if state is not None:
+            state.phase = "outer"
         with view.timed("replay"):
             losses = self.replay(view, d.outer_steps)
+        if state is not None:
+            state.phase = "inner"
+        rule = self.settings.fusion
+        salt = view.rng("fusion").getrandbits(63) if any(p.seed for p in fusion.rule_params(rule)) else None
         with view.timed("bookkeeping"):
-            fallback = fuse_or_fall_back(view.params, self.anchor, theta_k, d, self.settings.fusion)
+            fallback = fuse_or_fall_back(view.params, self.anchor, theta_k, d, rule, self.settings.fusion_params,
+                                         state=state, salt=salt)
             self.anchor = snapshot(view.params)
         return merge_record(d, losses, fallback)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import random
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence
 
 import torch
 
@@ -50,6 +50,22 @@ class LossInputs:
     logits: torch.Tensor  # (batch, positions, vocab)
     labels: torch.Tensor  # (batch, positions)
     scale: float  # what the micro-batch's loss is multiplied by (1 / accumulation steps)
+    # hidden-state groups when the method asked for them (``Method.training_hidden_states``): per
+    # group (the layer outputs after the embeddings, the mask of the tokens they cover); a causal
+    # model has one group, an encoder-decoder two (encoder at the input tokens, decoder at the answer)
+    hidden: Optional[list] = None
+
+
+@dataclass
+class ForwardOutput:
+    """A forward pass a method asked for (``TrainingView.forward``): the logits of the answer
+    positions and their labels (as ``LossInputs`` has them), the batch's mean answer-token loss
+    (with gradients when asked) and the hidden-state groups when asked (see ``LossInputs.hidden``)."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    loss: torch.Tensor
+    hidden: Optional[list] = None
 
 
 class TrainingView(Protocol):
@@ -60,6 +76,7 @@ class TrainingView(Protocol):
     max_steps: int
     seed: int
     grad_accum: int  # micro-batches per optimizer step
+    memory_batch_size: int  # examples per probe or replay batch (``--memory-batch-size``)
     params: list[torch.nn.Parameter]  # the trainable LoRA tensors, in a fixed order
     model: Any  # the PEFT model (for extra forward passes, e.g. a teacher's)
     memory: ReplayMemory  # examples of earlier tasks (empty unless the method ``uses_memory``)
@@ -72,9 +89,25 @@ class TrainingView(Protocol):
     def mean_loss(self, examples: Sequence[Example], train_mode: bool) -> float:
         """Mean answer-token loss of ``examples``, no gradients (dropout on in train mode)."""
 
-    def update(self, examples: Sequence[Example], optimizer: torch.optim.Optimizer, loss_scale: float) -> Optional[float]:
-        """One optimizer update on ``examples`` (as one batch, chunked into micro-batches); the
-        stage's LR scheduler is not stepped. Returns the mean loss, None when it was skipped."""
+    def forward(self, examples: Sequence[Example], *, rows: Optional[Sequence[int]] = None,
+                adapter: Optional[Sequence[torch.Tensor]] = None, train_mode: bool = False, grad: bool = False,
+                hidden_states: bool = False) -> ForwardOutput:
+        """A forward pass of ``examples`` on this process, collated as one batch (``rows``: only those
+        rows of it, padded as the whole batch: e.g. some rows of ``LossInputs.examples``, whose
+        positions then line up with the training forward's), with the LoRA tensors holding
+        ``adapter`` for the pass (a teacher; put back bit for bit afterwards), dropout only in
+        ``train_mode``, gradients only with ``grad``, under the run's autocast."""
+
+    def log(self, name: str, value: float) -> None:
+        """Add ``value`` to this step's ``name`` term: the step's trace record gets the mean of the
+        values logged during the step (e.g. a regulariser's size per micro-batch)."""
+
+    def update(self, examples: Sequence[Example], optimizer: torch.optim.Optimizer, loss_scale: float,
+               penalty: Optional[Callable[[], torch.Tensor]] = None) -> Optional[float]:
+        """One optimizer update on ``examples`` (as one batch, chunked into micro-batches), of
+        ``loss_scale`` x (their mean answer loss + ``penalty()`` when given: a term of the LoRA
+        tensors alone, added once); the stage's LR scheduler is not stepped. Returns the mean answer
+        loss, None when the update was skipped."""
 
     def timed(self, category: str) -> AbstractContextManager:
         """Count the wall time of a block under ``category`` in the run's cost table."""
@@ -92,6 +125,9 @@ class Method:
     fresh_adapter_per_task: ClassVar[bool] = False  # start every task from the initial adapter (``single``)
     joint: ClassVar[bool] = False  # one stage on all tasks together (``mtl``)
     in_bench: ClassVar[bool] = True  # compared by ``aimmerging bench`` (reference runs such as ``single`` are not)
+    # the training forward also returns hidden states (``LossInputs.hidden``); may be switched per
+    # stage in ``before_task`` (an instance attribute)
+    training_hidden_states: bool = False
 
     def __init__(self, settings: Any = None):
         if settings is None and self.Settings is not None:

@@ -40,17 +40,11 @@ Choices where the paper is silent:
   ``--select-best-every`` restored an earlier one (after ``after_task``);
 * the last task's Fisher is estimated too (the view does not say which stage is the last).
 
-What the hooks lacked. The Fisher needs gradients of the task's *training examples* through the
-model at the end of the task, and the view offers neither the task's training set nor a forward
-pass with gradients on chosen examples (``view.mean_loss`` has no gradients; ``view.update``
-clips and steps an optimizer). The workaround: while the task trains, ``extra_loss`` keeps, for
-the examples of each micro-batch (``inputs.examples`` and ``inputs.labels``), the arguments of
-the model's forward call (recorded by a forward pre-hook on ``view.model``, see
-``lwf.ForwardRecorder``), row by row; the Fisher pass calls ``view.model`` again on those rows
-with gradients (``torch.autograd.grad``, so the optimizer's ``.grad`` fields are not touched).
-A core addition that would make this direct: ``TrainingView.train_examples`` (the stage's training
-examples) and ``TrainingView.forward(examples, train_mode) -> LossInputs`` (a forward with
-gradients returning the answer logits and labels).
+How the Fisher pass reaches the examples: while the task trains, ``extra_loss`` keeps the
+micro-batches it sees (``inputs.examples``) and, per distinct example, which row of which
+micro-batch it was; the Fisher pass runs ``view.forward(micro_batch, rows=[row], grad=True)``
+(collated as the training forward collated it, dropout off) and takes
+``torch.autograd.grad`` of the row's loss, so the optimizer's ``.grad`` fields are not touched.
 
 Resume: ``state_dict()`` holds the Fisher tensors and anchors of every penalty (CPU copies), saved
 with every stage; ``load_state_dict`` restores them, so a resumed stage trains exactly as it would
@@ -65,14 +59,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..data.formatting import IGNORE_INDEX
 from ..models.lora import snapshot
 from ..settings import option
 from . import register_method
 from .base import Method
-from .lwf import ForwardRecorder, RecordedCall, answer_logits, eval_mode
 
 
 @dataclass
@@ -108,9 +100,7 @@ class EWC(Method):
         super().__init__(settings)
         self.fishers: list[list[torch.Tensor]] = []  # one per penalty (one in online mode)
         self.anchors: list[list[torch.Tensor]] = []
-        self.recorder: Optional[ForwardRecorder] = None
-        self.kept: OrderedDict = OrderedDict()  # (task, id) -> (the row's forward call, its labels)
-        self._penalties: list[float] = []
+        self.kept: OrderedDict = OrderedDict()  # (task, id) -> (its micro-batch's examples, its row)
 
     # -- the penalty -------------------------------------------------------------------------------------
     def penalty(self, params) -> torch.Tensor:
@@ -120,11 +110,9 @@ class EWC(Method):
         return self.settings.ewc_lambda / 2 * total
 
     def before_task(self, view) -> None:
-        self._close()
         device = view.params[0].device
         self.fishers = [[f.to(device) for f in fisher] for fisher in self.fishers]
         self.anchors = [[a.to(device) for a in anchor] for anchor in self.anchors]
-        self.recorder = ForwardRecorder(view.model)
         self.kept = OrderedDict()
         self.keep_limit = math.ceil(self.settings.ewc_fisher_examples / _world_size())
 
@@ -133,27 +121,20 @@ class EWC(Method):
         if not self.fishers or self.settings.ewc_lambda == 0:
             return None
         term = self.penalty(view.params)
-        self._penalties.append(float(term.detach()))
+        view.log("ewc_penalty", float(term.detach()))
         return term
-
-    def after_step(self, view, record):
-        if self._penalties:
-            record["ewc_penalty"] = sum(self._penalties) / len(self._penalties)
-            self._penalties = []
-        return None
 
     # -- the Fisher ----------------------------------------------------------------------------------------
     def _keep(self, inputs) -> None:
-        """Remember this micro-batch's examples (the forward call's rows and labels), newest last,
-        at most ``keep_limit`` distinct ones."""
-        call = self.recorder.latest(inputs.labels.shape[0])
-        for i, example in enumerate(inputs.examples):
-            labels = inputs.labels[i:i + 1]
-            if not bool((labels != IGNORE_INDEX).any()):  # a masked stand-in row (several processes)
+        """Remember this micro-batch's examples (the micro-batch and the example's row), newest
+        last, at most ``keep_limit`` distinct ones."""
+        batch = tuple(inputs.examples)
+        for i, example in enumerate(batch):
+            if not bool((inputs.labels[i] != IGNORE_INDEX).any()):  # a masked stand-in row (several processes)
                 continue
             key = (example.task, example.id)
             self.kept.pop(key, None)
-            self.kept[key] = (call.rows([i]), labels)
+            self.kept[key] = (batch, i)
             while len(self.kept) > self.keep_limit:
                 self.kept.popitem(last=False)
 
@@ -163,14 +144,13 @@ class EWC(Method):
         params = view.params
         fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         n = 0
-        with torch.enable_grad(), eval_mode(view.model):
-            for call, labels in self.kept.values():
-                loss = self._example_loss(call, labels)
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                for f, g in zip(fisher, grads):
-                    if g is not None:
-                        f.add_(g.detach().float() ** 2)
-                n += 1
+        for batch, row in self.kept.values():
+            loss = view.forward(batch, rows=[row], grad=True).loss
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for f, g in zip(fisher, grads):
+                if g is not None:
+                    f.add_(g.detach().float() ** 2)
+            n += 1
         if _world_size() > 1:
             flat = torch.cat([f.flatten() for f in fisher] + [torch.tensor([float(n)], device=fisher[0].device)])
             torch.distributed.all_reduce(flat)
@@ -180,11 +160,6 @@ class EWC(Method):
                 f.copy_(flat[offset:offset + f.numel()].view_as(f))
                 offset += f.numel()
         return [f / max(n, 1) for f in fisher], n
-
-    def _example_loss(self, call: RecordedCall, labels: torch.Tensor) -> torch.Tensor:
-        out = self.recorder.run(call)
-        logits = answer_logits(out, labels.shape[1], self.recorder.seq2seq)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
     def consolidate(self, fisher: list[torch.Tensor], anchor: list[torch.Tensor]) -> None:
         """Add the finished task's penalty (online: fold it into the single decayed one)."""
@@ -202,14 +177,8 @@ class EWC(Method):
             self.consolidate(fisher, snapshot(view.params))
         view.emit({"event": "fisher", "step": view.step, "examples": n,
                    "fisher_sum": float(sum(f.sum(dtype=torch.float64) for f in fisher))})
-        self._close()
-        return None  # the trained adapter is carried on
-
-    def _close(self) -> None:
-        if self.recorder is not None:
-            self.recorder.remove()
-            self.recorder = None
         self.kept = OrderedDict()
+        return None  # the trained adapter is carried on
 
     # -- resume -------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -1,42 +1,55 @@
 """FOREVER: FORgEtting curVe-inspired mEmory Replay (Feng et al., ACL 2026, arXiv 2601.03938), on
 the LoRA tensors.
 
-FOREVER is ``vbm``'s forgetting-curve replay (``methods/vbm.py``) with two changes from the
-paper's abstract: the curve runs in *model time*, the accumulated magnitude of the optimizer's
-updates, instead of training steps ("identical training steps can result in varying degrees of
-parameter change"), and the replay's strength follows the *update intensity*.
+Sources. The authors' code (``WoodScene/FOREVER``; arXiv v1 links ``anonymous.4open.science/r/
+FOREVER-C7D2``) could not be fetched here, and of the paper's own text only the abstract and the
+start of the introduction could be read. The method below follows two independent third-party notes
+of the paper's method section (a paper-note site's English and Chinese write-ups, ids 61363099164
+and 55100968320 in the code index), which agree with each other and with the abstract; the section
+numbers (§3.2.1 scheduler, §3.2.2 time calibration, §3.2.3 regularisation) are the notes' labels of
+the paper's ablation rows. Nothing here is checked against the authors' code.
 
-1. Model time (:class:`ModelClock`). After every inner step, u_t = ||theta_t - theta_{t-1}||_2
-   over all LoRA entries (a skipped step moves nothing: u_t = 0). The first S steps of a task
-   calibrate the unit: during them the clock counts steps; after them, with u_ref the mean u over
-   those of them that moved (u > 0: the first step of a warm-up has learning rate 0), each step
-   adds u_t / u_ref. One unit of model time is one "typical early step" of the
-   task, so when the learning rate decays or the task is learnt the clock slows down and replays
-   thin out; a burst of large updates brings the next replay forward.
-2. Schedule: the Ebbinghaus curve R = exp(-dtau / S) in model time; a replay is due when R falls to
-   1/e (dtau >= S), so the first replay comes at step S exactly (``vbm.ForgettingCurveSchedule``).
-3. Intensity-aware replay: the intensity rho is an EMA, rate lambda, of u_t / u_ref (1 during the
-   calibration); each replay runs ``forever_replay_steps`` updates on memory batches with a
-   separate AdamW at learning rate beta = beta_base * clip(rho, 0.5, 3.0).
+FOREVER is ``vbm``'s Ebbinghaus replay (``methods/vbm.py``) with the clock in *model time* instead
+of training steps, and an L2 anchor in the replay loss whose weight follows the update intensity.
 
-Constants. S = 24, lambda = 0.05, beta_base = 1e-3 and the clip [0.5, 3.0] are the settings the
-paper reports (as issue 30 quotes them from third-party readings of its Table/appendix; the
-paper's method section could not be read here). *Their roles above are this implementation's
-reading*, checked against nothing but the abstract: S as the curve's strength (the replay
-interval, in model-time units) and the calibration window, lambda as the intensity's EMA rate,
-beta_base as the replay learning rate (it equals the ``outer_lr`` default of the same group's
-AIMMerging and Recurrent-KIF code) and the clip on the intensity multiplier. Check them against
-the paper before quoting a number as "FOREVER's".
+1. Model time (§3.2.2, :class:`ModelClock`). After every inner step, Delta_t = ||Theta_t -
+   Theta_{t-1}||_2 over the trainable LoRA entries (a skipped step moves nothing: Delta_t = 0);
+   model time tau_t = sum of Delta_i since the task started (it restarts at each task). The first S
+   steps are the warm-up window: tau_day = tau_S, the update norm the model accumulated in them, is
+   one "virtual model day".
+2. Schedule (§3.2.1, ``vbm.EbbinghausSchedule``). The Ebbinghaus review days D = 1, 2, 4, 7, 15, 30
+   map to model-time thresholds d x tau_day; replay j fires at the first step with tau_t >= D_j x
+   tau_day. The first replay therefore comes at step S exactly; later ones come sooner when updates
+   grow and later when they shrink (a decaying learning rate, a learnt task).
+3. Intensity-aware replay regularisation (§3.2.3). Baseline intensity mu_0 = tau_day / S (the mean
+   update norm in the window), then an EMA mu_t = (1 - lambda) mu_{t-1} + lambda Delta_t, the
+   instability ratio r_t = mu_t / mu_0, and beta_t = beta_base x clip(1 + gamma (r_t - 1), 0.5, 3.0).
+   A replay minimises L_old + beta_t x sum_j ||Theta_j - Theta*_j||^2 over memory batches: the
+   memory batch's answer loss plus beta_t times the squared L2 distance (summed over all LoRA
+   entries) to Theta*, the adapter at the end of the previous task (here: the adapter this task
+   starts from). So beta is the weight of an L2 anchor, not a learning rate: growing updates
+   (r > 1) pull harder towards the previous task's adapter during the replay.
 
-Choices where the paper (as far as read) is silent: the L2 norm of the update; updates of replay
-steps not counted in model time (the clock measures the task's training; ``after_replay`` re-bases
-it); the 1/e threshold; 4 replay updates per replay (Recurrent-KIF's outer loop); a separate AdamW
-without weight decay whose moments live for the task; memory batches of ``--memory-batch-size``
-examples with the loss divided by the accumulation steps, as AIMMerging's replay; a calibration
-whose updates were all zero (every step skipped) extends until one moves. The first task has no
-memory and trains plainly. Every step record of a later task gets ``model_time``, ``update_norm``
-and ``intensity``; replays are ``{"event": "replay", ...}`` records (``clock`` is the model time).
-Everything restarts at each task, so nothing needs to survive a resume.
+Constants. S = 24 (warm-up window), lambda = 0.05 (EMA rate), beta_base = 1e-3 and the clip
+[0.5, 3.0] (g_min, g_max) are the paper's reported settings, as both notes give them (the issue's
+third-party readings quoted the same four numbers); the day list is §3.2.1's. gamma (the
+sensitivity in 1 + gamma (r - 1)) appears in the formula but its value is in neither note: 1 here,
+so beta_t = beta_base x clip(r_t, 0.5, 3.0).
+
+Choices where the notes are silent (each one ours): 4 replay updates per replay (Recurrent-KIF's
+outer loop), on random memory batches of ``--memory-batch-size`` examples, with a separate AdamW at
+``forever_replay_lr`` 1e-3 (the ``outer_lr`` default of the same group's AIMMerging and
+Recurrent-KIF code), no weight decay, its moments kept for the task; the replay loss divided by the
+accumulation steps as AIMMerging's replay (the anchor with it); beta_t held for the whole replay at
+its value after the step that triggered it; after day 30 the days double (60, 120, ...; the notes
+end in "..."); one replay when a step passes several days at once; the replay's own updates not
+counted in model time (the clock measures the task's training; ``after_replay`` re-bases it); the EMA
+starting from mu_0 at the end of the window; a window whose updates were all zero (every step
+skipped) extends until tau > 0, with mu_0 = tau_day / (the window's steps). The first task has no
+memory and trains plainly. Every step record of a later task gets ``model_time`` (tau),
+``model_days`` (tau / tau_day), ``update_norm`` (Delta) and ``intensity`` (r; the last two None
+before the window ends); replays are ``{"event": "replay", ...}`` records with ``anchor_weight``
+(beta_t). Everything restarts at each task, so nothing needs to survive a resume.
 """
 
 from __future__ import annotations
@@ -54,93 +67,102 @@ from .vbm import VBM
 
 
 class ModelClock:
-    """Model time from update magnitudes: one unit per step during the first ``window`` steps, then
-    each step adds its magnitude over the mean magnitude of those of them that moved (> 0)."""
+    """Model time tau = the summed update norms since the task start. After the first ``window``
+    steps (longer while tau is still 0) tau_day = tau and the baseline intensity mu_0 = tau / steps."""
 
     def __init__(self, window: int):
         self.window = window
         self.steps = 0
         self.time = 0.0
-        self.unit: Optional[float] = None  # the mean calibration magnitude, once known
-        self._sum, self._moved = 0.0, 0
+        self.day: Optional[float] = None  # tau_day, once the window is over
+        self.baseline: Optional[float] = None  # mu_0, likewise
 
-    def tick(self, magnitude: float) -> float:
+    def tick(self, delta: float) -> float:
         self.steps += 1
-        if self.unit is None:
-            self.time += 1.0
-            if magnitude > 0:
-                self._sum, self._moved = self._sum + magnitude, self._moved + 1
-            if self.steps >= self.window and self._moved:
-                self.unit = self._sum / self._moved
-        else:
-            self.time += magnitude / self.unit
+        self.time += delta
+        if self.day is None and self.steps >= self.window and self.time > 0:
+            self.day, self.baseline = self.time, self.time / self.steps
         return self.time
 
 
-def intensity_multiplier(rho: float, low: float = 0.5, high: float = 3.0) -> float:
-    """The replay strength's factor: the intensity clipped to [low, high]."""
-    return min(max(rho, low), high)
+def intensity_factor(ratio: float, gamma: float = 1.0, low: float = 0.5, high: float = 3.0) -> float:
+    """The anchor weight's factor: clip(1 + gamma (ratio - 1), low, high)."""
+    return min(max(1.0 + gamma * (ratio - 1.0), low), high)
 
 
 @dataclass
 class ForeverSettings:
-    forever_interval: int = option(24, "forever: calibration steps and replay interval in model time (S)",
-                                   maximum=100_000)
+    forever_window: int = option(24, "forever: warm-up steps whose summed update norm is one model-time day (S)",
+                                 maximum=100_000)
     forever_lambda: float = option(0.05, "forever: EMA rate of the update intensity (lambda)")
-    forever_beta_base: float = option(1e-3, "forever: replay learning rate at intensity 1 (beta_base)")
-    forever_clip_min: float = option(0.5, "forever: lower clip of the intensity multiplier")
-    forever_clip_max: float = option(3.0, "forever: upper clip of the intensity multiplier")
+    forever_beta_base: float = option(1e-3, "forever: weight of the replay's L2 anchor at intensity ratio 1 (beta_base)")
+    forever_gamma: float = option(1.0, "forever: sensitivity of the anchor weight to the intensity ratio (gamma)")
+    forever_clip_min: float = option(0.5, "forever: lower clip of the anchor weight's factor (g_min)")
+    forever_clip_max: float = option(3.0, "forever: upper clip of the anchor weight's factor (g_max)")
     forever_replay_steps: int = option(4, "forever: replay updates on memory batches at each replay", maximum=100_000)
+    forever_replay_lr: float = option(1e-3, "forever: learning rate of the replay optimizer (AdamW, one per task)")
 
     def __post_init__(self) -> None:
-        if not self.forever_interval >= 1:
-            raise ValueError("forever_interval: must be >= 1")
+        if not self.forever_window >= 1:
+            raise ValueError("forever_window: must be >= 1")
         if not 0 < self.forever_lambda <= 1:
             raise ValueError("forever_lambda: must be in (0, 1]")
-        if not self.forever_beta_base > 0:
-            raise ValueError("forever_beta_base: must be > 0")
-        if not 0 < self.forever_clip_min <= self.forever_clip_max:
-            raise ValueError("forever_clip_min, forever_clip_max: need 0 < min <= max")
+        if not (self.forever_beta_base >= 0 and math.isfinite(self.forever_beta_base)):
+            raise ValueError("forever_beta_base: must be a finite number >= 0")
+        if not math.isfinite(self.forever_gamma):
+            raise ValueError("forever_gamma: must be finite")
+        if not 0 <= self.forever_clip_min <= self.forever_clip_max < math.inf:
+            raise ValueError("forever_clip_min, forever_clip_max: need 0 <= min <= max, finite")
         if not self.forever_replay_steps >= 1:
             raise ValueError("forever_replay_steps: must be >= 1")
+        if not self.forever_replay_lr > 0:
+            raise ValueError("forever_replay_lr: must be > 0")
 
 
 @register_method
 class Forever(VBM):
     name = "forever"
     paper = "FOREVER (ACL 2026, arXiv 2601.03938)"
-    summary = ("replay on a forgetting-curve schedule in model time (accumulated update magnitude), replay "
-               "strength scaled by the update intensity (--forever-interval, --forever-beta-base)")
+    summary = ("replay on an Ebbinghaus schedule in model time (summed update norms; a day = the first S steps' "
+               "sum), with an L2 anchor to the previous task's adapter weighted by the update intensity "
+               "(--forever-window, --forever-beta-base)")
     Settings = ForeverSettings
 
-    def strength(self) -> float:
-        return float(self.settings.forever_interval)
+    def day(self) -> Optional[float]:
+        return self.clock.day
 
     def replay_steps(self) -> int:
         return self.settings.forever_replay_steps
 
     def replay_lr(self) -> float:
+        return self.settings.forever_replay_lr
+
+    def anchor_weight(self) -> float:
         s = self.settings
-        return s.forever_beta_base * intensity_multiplier(self.rho, s.forever_clip_min, s.forever_clip_max)
+        factor = intensity_factor(self.ratio, s.forever_gamma, s.forever_clip_min, s.forever_clip_max)
+        return s.forever_beta_base * factor
 
     def before_task(self, view) -> None:
-        self.clock, self.rho = ModelClock(self.settings.forever_interval), 1.0
+        self.clock, self.mu, self.ratio = ModelClock(self.settings.forever_window), None, 1.0
         super().before_task(view)
         if self.active:
             self.previous = snapshot(view.params)
+            self.anchor = snapshot(view.params)  # Theta*: the adapter the previous task ended with
 
     @torch.no_grad()
     def tick(self, view, record) -> float:
         with view.timed("bookkeeping"):
-            u = math.sqrt(sum(float(((p - q).float() ** 2).sum()) for p, q in zip(view.params, self.previous)))
+            delta = math.sqrt(sum(float(((p - q).float() ** 2).sum()) for p, q in zip(view.params, self.previous)))
             self.previous = snapshot(view.params)
-        calibrated = self.clock.unit is not None
-        now = self.clock.tick(u)
-        if calibrated:
+        calibrated = self.clock.day is not None
+        tau = self.clock.tick(delta)
+        if self.clock.day is not None:
             lam = self.settings.forever_lambda
-            self.rho = (1 - lam) * self.rho + lam * u / self.clock.unit
-        record.update(model_time=now, update_norm=u, intensity=self.rho)
-        return now
+            self.mu = self.clock.baseline if not calibrated else (1 - lam) * self.mu + lam * delta
+            self.ratio = self.mu / self.clock.baseline
+        record.update(model_time=tau, model_days=tau / self.clock.day if self.clock.day else None,
+                      update_norm=delta, intensity=self.ratio if self.clock.day is not None else None)
+        return tau
 
     def after_replay(self, view) -> None:
         self.previous = snapshot(view.params)

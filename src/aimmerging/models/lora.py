@@ -7,6 +7,7 @@ in a fixed order (``lora_parameters``), which is also the order of every snapsho
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -18,13 +19,19 @@ import torch
 from ..errors import ConfigError, UserError
 
 
+ALL_LINEAR = "all-linear"
+
+
 def attach_lora(model, kind: str, r: int = 8, alpha: int = 32, dropout: float = 0.05,
                 target_modules: list[str] | None = None):
     """Wrap ``model`` in a PEFT LoRA model. ``target_modules=None`` uses PEFT's per-architecture
-    default (``q``/``v`` for T5, ``q_proj``/``v_proj`` for Llama-like models, ...)."""
+    default (``q``/``v`` for T5, ``q_proj``/``v_proj`` for Llama-like models, ...); ``["all-linear"]``
+    is PEFT's ``all-linear``: every linear layer except the output head."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    if target_modules is not None:
+    if target_modules is not None and [t.lower() for t in target_modules] == [ALL_LINEAR]:
+        target_modules = ALL_LINEAR  # PEFT's: every linear layer but the output head
+    elif target_modules is not None:
         check_targets(model, target_modules)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules=target_modules,
                         task_type=TaskType.SEQ_2_SEQ_LM if kind == "seq2seq" else TaskType.CAUSAL_LM)
@@ -177,3 +184,20 @@ def lora_layers(model, params: Sequence[torch.Tensor]) -> LoraLayers:
             pairs.append((i, j))
             used.update((i, j))
     return LoraLayers(tuple(pairs), tuple(i for i in range(len(params)) if i not in used))
+
+
+@contextlib.contextmanager
+def adapter_values(params: Sequence[torch.nn.Parameter], values: Sequence[torch.Tensor]):
+    """Give ``params`` the ``values`` for the block, then put the previous values back bit for bit.
+    Written through ``p.data`` under no_grad: the version counters autograd checks for the tensors a
+    pending backward saved are not bumped, and that backward sees the restored values."""
+    with torch.no_grad():
+        saved = [p.data.clone() for p in params]
+        for p, v in zip(params, values):
+            p.data.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.data.copy_(s)

@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 from ..errors import UserError
 from ..io import atomic_write
+from ..runs.layout import RunLayout
 from ..runs.results import fmt_number
 from ..trace import TaskTrace, read_trace, split_tasks
 
@@ -51,7 +52,7 @@ def load_run(run_dir: str | os.PathLike) -> tuple[dict, list[TaskTrace]]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: not a directory")
-    results_path = run_dir / "results.json"
+    results_path = RunLayout(run_dir).results
     if not results_path.is_file():
         raise UserError(f"{run_dir}: not an aimmerging run directory (no results.json)")
     try:
@@ -64,7 +65,7 @@ def load_run(run_dir: str | os.PathLike) -> tuple[dict, list[TaskTrace]]:
     a, T = results["accuracy_matrix"], len(results["tasks"])
     if len(a) != T or not all(isinstance(row, list) and len(row) == T for row in a):
         raise UserError(f"{results_path}: accuracy_matrix is not {T} x {T} (one row and column per task)")
-    trace_path = run_dir / "trace.jsonl"
+    trace_path = RunLayout(run_dir).trace
     if not trace_path.is_file():
         hint = " (the run is not complete; trace.jsonl is written at its end)" if results.get("complete") is False else ""
         raise UserError(f"{trace_path}: not found{hint}")
@@ -325,7 +326,7 @@ def plot_task(trace: TaskTrace, out_dir: str | os.PathLike) -> list[Path]:
 def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     """Every plot of a run directory, written into ``RUN_DIR/plots/``; returns the paths written."""
     results, traces = load_run(run_dir)
-    out_dir = Path(run_dir) / "plots"
+    out_dir = RunLayout(run_dir).plots
     if out_dir.is_dir():  # temporary files of a plotting run that was killed
         for stray in out_dir.glob(".*.tmp"):
             stray.unlink(missing_ok=True)

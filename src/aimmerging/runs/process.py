@@ -57,12 +57,16 @@ def check_data_parallel(accelerator) -> None:
     LoRA matrices are sharded outside forward/backward (and accelerate wants the optimizers
     prepared with the model), which the merge arithmetic, the controller's L1 norm, adapter
     loading and saving, and sharded evaluation do not handle: stop at once rather than deadlock
-    or diverge. (On CPU accelerate itself refuses FSDP when the Accelerator is created.)"""
+    or diverge. On CPU processes accelerate does not refuse FSDP: it ignores the request
+    (``ACCELERATE_USE_FSDP=true``, what ``accelerate launch --use_fsdp`` sets) and runs DDP
+    (accelerate 1.16 turns on FSDP for GPU-like devices only), so the request itself is refused."""
     from accelerate.utils import DistributedType
 
     kinds = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed",
              DistributedType.MEGATRON_LM: "Megatron-LM"}
     name = kinds.get(accelerator.distributed_type)
+    if name is None and os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("1", "true", "yes"):
+        name = "FSDP"
     if name:
         raise ConfigError(f"{name} is not supported: aimmerging runs one process or data-parallel processes (DDP); "
                           "launch with e.g. `accelerate launch --config_file configs/accelerate/ddp.yaml -m aimmerging run ...`")
@@ -122,6 +126,59 @@ def main_decides(accelerator, fn):
     return box[0]
 
 
+_EARLIER_PEAK_KB = 0  # the process's peak resident memory before the last reset of the kernel's mark
+
+
+def _maxrss_kb() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
+
+
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MB (Linux reports ru_maxrss in KB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    """This process's peak resident memory so far, in MB (over the stage resets of
+    :func:`start_stage_memory` too)."""
+    return round(max(_EARLIER_PEAK_KB, _maxrss_kb()) / 1024, 1)
+
+
+def start_stage_memory() -> bool:
+    """Start measuring one stage's peak memory: the kernel's high-water mark of this process's
+    resident memory is reset (Linux: ``5`` written to ``/proc/self/clear_refs``, which resets
+    ``ru_maxrss`` too, so the peak so far is kept for :func:`peak_rss_mb`), and on CUDA torch's
+    peak-allocation counter. False where the mark cannot be reset (not Linux): the stage's own
+    peak resident memory is then unknown."""
+    global _EARLIER_PEAK_KB
+    _EARLIER_PEAK_KB = max(_EARLIER_PEAK_KB, _maxrss_kb())
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _hwm_kb() -> int | None:
+    """The kernel's high-water mark of this process's resident memory (``VmHWM``, KB): the one
+    ``clear_refs`` resets. (``ru_maxrss`` also counts the peak of the process this one was forked
+    from before it exec'd, which no reset clears.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def stage_memory(reset: bool) -> dict[str, float]:
+    """The peaks since :func:`start_stage_memory` (``reset``: what it returned), in MB:
+    ``stage_peak_rss_mb`` (resident memory, where the mark could be reset) and ``stage_peak_cuda_mb``
+    (memory torch allocated on the current CUDA device, where CUDA is in use)."""
+    out = {}
+    hwm = _hwm_kb() if reset else None
+    if hwm is not None:
+        out["stage_peak_rss_mb"] = round(hwm / 1024, 1)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["stage_peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out

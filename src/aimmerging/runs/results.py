@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 from ..errors import UserError
 from ..evaluation.metrics import all_metrics
 from ..io import read_json
+from .layout import RunLayout
 
 Row = dict[str, float]
 
@@ -31,7 +32,7 @@ def load_reference(path: str | Path, tasks: Sequence[str]) -> list[Optional[floa
     directory), aligned to ``tasks`` (None for a task that run did not cover)."""
     p = Path(path)
     if p.is_dir():
-        p = p / "results.json"
+        p = RunLayout(p).results
     try:
         data = read_json(p)
     except (OSError, ValueError) as e:

@@ -1,21 +1,7 @@
 """The run directory: lock it, check it fits the config, initialise it, commit finished stages,
 verify them on resume, and write the run-level files.
 
-Layout::
-
-    RUN_DIR/.lock                     held by the run working in the directory (see below)
-    RUN_DIR/config.yaml               fully resolved config (written first)
-    RUN_DIR/stages/00-<task>/         one committed directory per finished stage:
-        adapter/                      the adapter after the stage, PEFT format
-        predictions/<task>.jsonl      {id, gold, prediction, score} per test example
-        trace.jsonl                   per-step and per-merge records of the stage
-        method_state.pt               the method's state_dict(), when it has one (resume)
-        scores.json                   the stage's row of the accuracy matrix, timings, checksums
-                                      (written last)
-    RUN_DIR/stages/zero-shot/         (--zero-shot) the base model's scores
-    RUN_DIR/trace.jsonl               all stage traces, in order
-    RUN_DIR/results.json              matrix, metrics, timings; "complete": false until the end
-    RUN_DIR/summary.md                the markdown table printed at the end
+The layout (every file name) is in :mod:`aimmerging.runs.layout`.
 
 A stage is written in ``stages/.tmp-<name>/`` and renamed into place only when everything in it
 is written, so a run killed at any moment resumes at its first unfinished stage. Only the main
@@ -68,18 +54,19 @@ from typing import Any, Optional
 
 from ..errors import ConfigError, UserError
 from ..io import atomic_write_json, atomic_write_jsonl, atomic_write_text, atomic_write_yaml, commit_dir, json_safe, read_json, read_jsonl
-from ..io import atomic_torch_save, remove_temp_files
+from ..io import atomic_torch_save, file_sha256, remove_temp_files
+from .layout import (LOCK, SCORES, SUMMARY, TMP_PREFIX, ZERO_SHOT, RunLayout, adapter_dir, method_state_file,
+                     predictions_file, scores_file, stage_trace)
 from .results import summary_markdown
 
 log = logging.getLogger("aimmerging")
 
-ZERO_SHOT = "zero-shot"
-LOCK_NAME = ".lock"
+LOCK_NAME = LOCK
 CHECKSUM_KEY = "sha256"  # scores.json: {"record": digest of the rest of the record, "files": {path: digest}}
 SCORE_TOLERANCE = 1e-9
 ADAPTER_FILE = "adapter_model.safetensors"
 _COUNTERS = ("steps", "merges", "tokens", "skipped_steps", "skipped_replay_steps", "memory_size", "best_step")
-_AMOUNTS = ("wall_s", "peak_rss_mb")
+_AMOUNTS = ("wall_s", "peak_rss_mb", "stage_peak_rss_mb", "stage_peak_cuda_mb")
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)  # the lock is not inherited by programs the run starts
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a .lock that is a symbolic link is refused, not followed
 
@@ -90,14 +77,6 @@ class DamagedStage(UserError):
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _record_digest(record: dict) -> str:
@@ -111,7 +90,7 @@ def _checksummed_files(stage_dir: Path) -> list[str]:
     """The files of a stage folder its checksums cover: all but scores.json and markdown (PEFT's
     model card), as paths relative to the folder."""
     return sorted(p.relative_to(stage_dir).as_posix() for p in stage_dir.rglob("*")
-                  if p.is_file() and p.name != "scores.json" and p.suffix != ".md")
+                  if p.is_file() and p.name != SCORES and p.suffix != ".md")
 
 
 def _first_missing(path: Path) -> Optional[Path]:
@@ -140,36 +119,37 @@ def _one_line(text: str, limit: int = 300) -> str:
 class RunDirectory:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._layout = RunLayout(self.path)
         self._lock_fd: Optional[int] = None
         self._created: Optional[Path] = None  # the top-most directory the lock created
 
     # -- files -----------------------------------------------------------------------------------------
     @property
     def config_file(self) -> Path:
-        return self.path / "config.yaml"
+        return self._layout.config
 
     @property
     def results_file(self) -> Path:
-        return self.path / "results.json"
+        return self._layout.results
 
     @property
     def trace_file(self) -> Path:
-        return self.path / "trace.jsonl"
+        return self._layout.trace
 
     @property
     def lock_file(self) -> Path:
-        return self.path / LOCK_NAME
+        return self._layout.lock
 
     def stage_dir(self, dirname: str) -> Path:
-        return self._inside(self.path / "stages" / _file_name(dirname, "stage folder"))
+        return self._inside(self._layout.stage(_file_name(dirname, "stage folder")))
 
     def tmp_stage_dir(self, dirname: str) -> Path:
-        return self._inside(self.path / "stages" / f".tmp-{_file_name(dirname, 'stage folder')}")
+        return self._inside(self._layout.tmp_stage(_file_name(dirname, "stage folder")))
 
     def predictions_file(self, dirname: str, task: str, *, tmp: bool = False) -> Path:
         """``predictions/<task>.jsonl`` of a stage (of its temporary folder with ``tmp``)."""
         folder = self.tmp_stage_dir(dirname) if tmp else self.stage_dir(dirname)
-        return self._inside(folder / "predictions" / f"{_file_name(task, 'task name')}.jsonl")
+        return self._inside(predictions_file(folder, _file_name(task, "task name")))
 
     def _inside(self, path: Path) -> Path:
         """``path`` when it resolves inside the run directory, else a one-line UserError. Task names
@@ -374,11 +354,11 @@ class RunDirectory:
                 else:
                     p.unlink()
         atomic_write_yaml(self.config_file, cfg.to_dict())
-        (self.path / "stages").mkdir(exist_ok=True)
-        for tmp in (self.path / "stages").glob(".tmp-*"):  # leftovers of a killed run
+        self._layout.stages.mkdir(exist_ok=True)
+        for tmp in self._layout.stages.glob(f"{TMP_PREFIX}*"):  # leftovers of a killed run
             shutil.rmtree(tmp, ignore_errors=True)
         # ... and the temporary files of a run killed between writing a run-level file and its rename
-        remove_temp_files(self.path, (self.config_file.name, self.results_file.name, self.trace_file.name, "summary.md"))
+        remove_temp_files(self.path, (self.config_file.name, self.results_file.name, self.trace_file.name, SUMMARY))
 
     def previous_results(self) -> Optional[dict]:
         """The results.json of an earlier invocation, or None (also when it is damaged: it only
@@ -408,7 +388,7 @@ class RunDirectory:
         ids of their evaluation examples, in order (None: the scores are not checked against the
         predictions). A damaged stage raises :class:`DamagedStage` (one line: the file, what to do)."""
         stage = self.stage_dir(dirname)
-        path = stage / "scores.json"
+        path = scores_file(stage)
         if not path.is_file():
             return None
         record = self._read_record(dirname, path)
@@ -419,12 +399,12 @@ class RunDirectory:
         if eval_ids is not None:
             for task, ids in eval_ids.items():
                 self._check_predictions(dirname, path, task, record["scores"][task], ids)
-        trace = stage / "trace.jsonl"
+        trace = stage_trace(stage)
         if trace.is_file():
             self._check_trace(dirname, trace, record)
         elif "steps" in record:  # every training stage writes one
             raise self._damaged(dirname, trace, "missing")
-        if (stage / "adapter").is_dir():
+        if adapter_dir(stage).is_dir():
             self.adapter_tensors(dirname)
         self.method_state(dirname)
         return record
@@ -484,13 +464,13 @@ class RunDirectory:
             if ".." in Path(rel).parts or Path(rel).is_absolute() or not file.is_file():
                 raise self._damaged(dirname, file, "missing")
             try:
-                ok = _file_digest(file) == digest
+                ok = file_sha256(file) == digest
             except OSError as e:
                 raise self._damaged(dirname, file, f"cannot be read ({e.strerror or e})") from None
             if not ok:
                 raise self._damaged(dirname, file, "edited or damaged: it does not match the checksum written with the stage")
-        state = stage / "method_state.pt"
-        if state.is_file() and "method_state.pt" not in files:
+        state = method_state_file(stage)
+        if state.is_file() and state.name not in files:
             raise self._damaged(dirname, state, "not written with the stage (no checksum)")
 
     def _check_predictions(self, dirname: str, scores_file: Path, task: str, score: float, ids: list) -> None:
@@ -552,16 +532,31 @@ class RunDirectory:
         if peft_model is not None:
             from ..models.lora import save_adapter
 
-            save_adapter(peft_model, tmp / "adapter")  # a full disk: OSError(ENOSPC); the umask's mode
+            save_adapter(peft_model, adapter_dir(tmp))  # a full disk: OSError(ENOSPC); the umask's mode
         if method_state:
-            atomic_torch_save(tmp / "method_state.pt", method_state)  # a full disk: OSError(ENOSPC)
-        files = {rel: _file_digest(tmp / rel) for rel in _checksummed_files(tmp)}
+            atomic_torch_save(method_state_file(tmp), method_state)  # a full disk: OSError(ENOSPC)
+        files = {rel: file_sha256(tmp / rel) for rel in _checksummed_files(tmp)}
         stored = {**record, CHECKSUM_KEY: {"record": _record_digest(record), "files": files}}
-        atomic_write_json(tmp / "scores.json", stored)  # last: its presence marks a finished stage
+        atomic_write_json(scores_file(tmp), stored)  # last: its presence marks a finished stage
         commit_dir(tmp, self.stage_dir(dirname))
 
+    def copy_stage(self, source: "RunDirectory", dirname: str) -> bool:
+        """Commit the finished stage ``dirname`` of the run ``source`` into this run directory (a
+        stage another run computed identically: the bench's shared stages) unless this one has it:
+        the source stage is verified first (a damaged one is refused with one line), copied into
+        this run's temporary stage folder and renamed into place, as a stage of its own is.
+        Returns whether it was copied."""
+        target = self.stage_dir(dirname)
+        if target.exists() or source.finished(dirname) is None:
+            return False
+        tmp = self.tmp_stage_dir(dirname)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source.stage_dir(dirname), tmp)
+        commit_dir(tmp, target)
+        return True
+
     def adapter_dir(self, dirname: str) -> Path:
-        return self.stage_dir(dirname) / "adapter"
+        return adapter_dir(self.stage_dir(dirname))
 
     def adapter_tensors(self, dirname: str) -> dict:
         """The saved adapter's tensors, checked: the file loads and every value is finite."""
@@ -604,7 +599,7 @@ class RunDirectory:
             raise self._damaged(dirname, path, f"cannot be loaded ({_one_line(e, 100)})") from None
 
     def method_state(self, dirname: str) -> Optional[dict]:
-        path = self.stage_dir(dirname) / "method_state.pt"
+        path = method_state_file(self.stage_dir(dirname))
         if not path.is_file():
             return None
         import torch
@@ -618,14 +613,14 @@ class RunDirectory:
         return state
 
     def stage_trace(self, dirname: str) -> list[dict]:
-        path = self.stage_dir(dirname) / "trace.jsonl"
+        path = stage_trace(self.stage_dir(dirname))
         return self._read_jsonl(dirname, path) if path.is_file() else []
 
     # -- the run-level files ---------------------------------------------------------------------------
     def write_results(self, results: dict[str, Any], stage_dirnames: list[str], complete: bool) -> None:
         if complete:
             atomic_write_jsonl(self.trace_file, [r for d in stage_dirnames for r in self.stage_trace(d)])
-            atomic_write_text(self.path / "summary.md", summary_markdown(results) + "\n")
+            atomic_write_text(self._layout.summary, summary_markdown(results) + "\n")
         atomic_write_json(self.results_file, results)
 
 

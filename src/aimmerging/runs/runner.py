@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..config import RunConfig
+from ..config import RunConfig, run_notes
 from ..data.benchmarks import SYNTHETIC, resolve_tasks
 from ..data.formatting import Formatter
 from ..data.memory import ReplayMemory
@@ -32,14 +32,15 @@ from ..evaluation.generate import half_precision_dtype
 from ..evaluation.scoring import choose_metric, use_scores
 from ..io import atomic_write_json, read_jsonl
 from ..methods.base import Method
-from ..models.loading import load_base_model, model_kind
+from ..models.loading import enable_gradient_checkpointing, load_base_model, model_kind
 from ..models.lora import attach_lora, load_adapter_weights, lora_parameters, restore, snapshot
 from ..training.engine import Engine, Timers
 from ..training.loop import TrainSettings, train_stage
 from ..training.stages import Stage, plan_stages, stage_dirname
-from .process import RANK_DUMP_ENV, main_decides, make_accelerator, peak_rss_mb
+from .process import RANK_DUMP_ENV, main_decides, make_accelerator, peak_rss_mb, stage_memory, start_stage_memory
 from .results import RunResult, build_results, load_reference
-from .rundir import ZERO_SHOT, RunDirectory
+from .layout import ZERO_SHOT, stage_trace
+from .rundir import RunDirectory
 
 log = logging.getLogger("aimmerging")
 
@@ -86,13 +87,16 @@ def build_engine(cfg: RunConfig, accelerator, model: Any = None, *, full_logits:
 
     if model is None:
         with accelerator.main_process_first():  # a download or conversion happens once
-            base, tokenizer, kind = load_base_model(cfg.model, cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+            base, tokenizer, kind = load_base_model(cfg.model, cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                                                    quantize=cfg.quantize)
     else:
         base, tokenizer = model
         kind = model_kind(base.config)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
     base.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(base)
     formatter = Formatter(tokenizer, kind, cfg.max_input_tokens, cfg.max_target_tokens, cfg.prompt_format,
                           truncation=cfg.truncation, truncate_eval_prompts=cfg.truncate_eval_prompts)
     set_seed(cfg.seed)
@@ -127,7 +131,7 @@ class Runner:
         self.method = method or cfg.make_method()
         self.stream = stream or stream_from_config(cfg)
         self.tasks = self.stream.tasks
-        self.data = prepare_tasks(self.stream, seed=cfg.seed, train_cap=cfg.train_cap, eval_cap=cfg.eval_cap,
+        self.data = prepare_tasks(self.stream, seed=cfg.seed, eval_seed=cfg.eval_seed, train_cap=cfg.train_cap, eval_cap=cfg.eval_cap,
                                   eval_split=cfg.eval_split,
                                   need_dev=bool(cfg.select_best_every) and cfg.validation == "dev",
                                   holdout=cfg.val_holdout if cfg.select_best_every and cfg.validation == "train-holdout" else None,
@@ -138,6 +142,9 @@ class Runner:
         if unknown:
             raise ConfigError(f"metric: override for task(s) not in the stream: {', '.join(sorted(unknown))}")
         self._log_validation_sources()
+        if self.is_main:
+            for note in run_notes(cfg):  # one line each: a config that runs, but likely not as meant
+                log.warning(note)
         self.reference = load_reference(cfg.fwt_reference, self.tasks) if cfg.fwt_reference else None
         self.stages = plan_stages(self.method, self.tasks, cfg.eval_scope)
         self.train_settings = TrainSettings.from_config(cfg)
@@ -198,8 +205,9 @@ class Runner:
         writes = self.run_dir is not None and self.is_main
         trace = None
         if writes:
-            trace = open(self.run_dir.begin_stage(stage.dirname) / "trace.jsonl", "a", encoding="utf-8")
+            trace = open(stage_trace(self.run_dir.begin_stage(stage.dirname)), "a", encoding="utf-8")
         acc.wait_for_everyone()
+        memory_reset = start_stage_memory()
         timers, start = Timers(), time.perf_counter()
         log.info("stage %d/%d: %s (%d training examples, memory %d)", stage.index + 1, len(self.stages),
                  stage.name, len(train), len(memory))
@@ -218,7 +226,8 @@ class Runner:
         record = {"index": stage.index, "name": stage.name, "row": stage.row,
                   "scores": {t: e.score for t, e in evals.items()}, **({"use_scores": use} if use else {}), **report,
                   "memory_size": len(memory), "timing": timers.as_dict(),
-                  "wall_s": round(time.perf_counter() - start, 3), "peak_rss_mb": peak_rss_mb()}
+                  "wall_s": round(time.perf_counter() - start, 3), "peak_rss_mb": peak_rss_mb(),
+                  **stage_memory(memory_reset)}
         if writes:
             self.run_dir.commit_stage(stage.dirname, record, {t: e.rows for t, e in evals.items()},
                                       self.engine.peft_model, self.method.state_dict())
@@ -335,6 +344,9 @@ class Runner:
         # at its end; a resumed run's earlier results.json covers stages written without one
         peaks = [p for p in [s.get("peak_rss_mb") for s in stages] + [self._earlier_peak_rss] if p]
         results["peak_rss_mb"] = max(peaks) if peaks else peak_rss_mb()
+        cuda = [s["stage_peak_cuda_mb"] for s in stages if s.get("stage_peak_cuda_mb")]
+        if cuda:  # the stages trained now or earlier on CUDA (torch's allocations, this process)
+            results["peak_cuda_mb"] = max(cuda)
         results["num_processes"] = self.accelerator.num_processes
         if self.run_dir is not None and self.is_main:
             self.run_dir.write_results(results, [stage_dirname(r["index"], r["name"]) for r in records], complete)

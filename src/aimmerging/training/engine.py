@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ..data.formatting import IGNORE_INDEX, Formatter
 from ..data.olora import Example
-from ..methods.base import LossInputs
+from ..methods.base import ForwardOutput, LossInputs
 from ..models.lora import lora_parameters
 
 ExtraLoss = Callable[[LossInputs], Optional[torch.Tensor]]
@@ -150,6 +150,41 @@ def restore_optimizer_state(optimizer, saved: list) -> None:
             optimizer.state[p] = state
 
 
+def guarded_step(params: Sequence[torch.Tensor], optimizer, clip: Callable[[], Optional[torch.Tensor]],
+                 agree: Callable[[bool], bool] = bool, after_step: Callable[[], None] | None = None) -> Optional[str]:
+    """Clip (``clip()`` returns the gradient norm, or None), step ``optimizer`` and clear its
+    gradients, unless something is not finite; returns None when the step was taken, or why not:
+
+    * the gradient norm is not finite: no step (:data:`SKIP_GRADIENT`);
+    * ``params`` are not finite after ``optimizer.step()`` (e.g. 0/0 in Adam with eps 0, an
+      infinite learning rate): the parameters *and the optimizer's state* are put back as they
+      were before the step (:data:`SKIP_UPDATE`);
+    * torch refused the step as overflowing (a finite but huge learning rate, see
+      :func:`optimizer_step`): put back the same way (:data:`SKIP_OVERFLOW`).
+
+    ``agree(bad)`` makes the put-back decision the same on every process (e.g. any rank bad);
+    ``after_step`` runs right after the step (a test hook). The one guarded step of both hosts:
+    the engine's inner and replay steps and the HF callback's replay steps."""
+    norm = clip()
+    if norm is not None and not math.isfinite(float(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return SKIP_GRADIENT
+    with torch.no_grad():
+        before = [p.detach().clone() for p in params]
+    state = optimizer_state(optimizer)
+    stepped = optimizer_step(optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    if after_step is not None:
+        after_step()
+    if agree(not stepped or not _all_finite(params)):
+        with torch.no_grad():
+            for p, v in zip(params, before):
+                p.copy_(v)
+        restore_optimizer_state(optimizer, state)
+        return SKIP_UPDATE if stepped else SKIP_OVERFLOW
+    return None
+
+
 class Timers:
     """Wall-clock seconds per category (inner, probe, replay, bookkeeping, eval, and a method's
     own: fisher, distillation, ...). Exclusive: a section opened inside another (a method's
@@ -205,16 +240,33 @@ class Engine:
         stand-in forward pass of a process with an empty share)."""
         return self._local_forward(examples, masked)[0]
 
-    def _local_forward(self, examples: Sequence[Example], masked: bool = False):
-        """(summed answer loss, logits of the answer positions, their labels) of ``examples``."""
-        batch = {k: v.to(self.accelerator.device) for k, v in self.formatter.collate(examples).items()}
+    def _local_forward(self, examples: Sequence[Example], masked: bool = False, hidden_states: bool = False):
+        """(summed answer loss, logits of the answer positions, their labels, hidden-state groups or
+        None) of ``examples`` through the training model (DDP-wrapped under several processes)."""
+        batch = self._collate(examples)
         if masked:
             batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+        return self._run(self.model, batch, hidden_states)
+
+    def _collate(self, examples: Sequence[Example], rows: Sequence[int] | None = None) -> dict:
+        """The batch of ``examples`` on the device; ``rows``: only those rows of it (padded as the
+        whole batch is, so positions line up with a forward of the whole batch)."""
+        batch = {k: v.to(self.accelerator.device) for k, v in self.formatter.collate(examples).items()}
+        if rows is not None:
+            index = torch.as_tensor(list(rows), dtype=torch.long, device=self.accelerator.device)
+            n = len(examples)
+            batch = {k: v.index_select(0, index) if v.dim() > 0 and v.shape[0] == n else v for k, v in batch.items()}
+        return batch
+
+    def _run(self, model, batch: dict, hidden_states: bool = False):
+        extra = {"output_hidden_states": True} if hidden_states else {}
         with self.accelerator.autocast():
             if self.formatter.kind == "seq2seq":
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    labels=batch["labels"]).logits
-                labels = batch["labels"]
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            labels=batch["labels"], **extra)
+                logits, labels = out.logits, batch["labels"]
+                hidden = ([(out.encoder_hidden_states[1:], batch["attention_mask"]),
+                           (out.decoder_hidden_states[1:], labels != IGNORE_INDEX)] if hidden_states else None)
             else:
                 # Left-padded: every answer ends at the last position, so only the last k positions
                 # need LM-head logits (position t predicts token t+1).
@@ -224,11 +276,29 @@ class Engine:
                     kwargs["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
                 if self._keep_logits and not self.full_logits:
                     kwargs["logits_to_keep"] = k
-                logits = self.model(**kwargs).logits[:, -k:-1]
+                out = model(**kwargs, **extra)
+                logits = out.logits[:, -k:-1]
                 labels = batch["labels"][:, -(k - 1):]
+                hidden = [(out.hidden_states[1:], batch["attention_mask"])] if hidden_states else None
         loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss_sum, logits, labels
+        return loss_sum, logits, labels, hidden
+
+    def forward(self, examples: Sequence[Example], *, rows: Sequence[int] | None = None, train_mode: bool = False,
+                grad: bool = False, hidden_states: bool = False) -> ForwardOutput:
+        """A method's own forward pass (``TrainingView.forward``) on this process: ``examples``
+        collated as one batch (``rows``: only those rows of it), through the PEFT model (not the
+        DDP wrapper: no collectives), under the run's autocast, dropout on only in ``train_mode``
+        (the previous mode is restored), with gradients only when ``grad``."""
+        was_training = self.peft_model.training
+        self.peft_model.train(train_mode)
+        try:
+            with torch.set_grad_enabled(grad):
+                loss_sum, logits, labels, hidden = self._run(self.peft_model, self._collate(examples, rows), hidden_states)
+        finally:
+            self.peft_model.train(was_training)
+        tokens = int((labels != IGNORE_INDEX).sum())
+        return ForwardOutput(logits=logits, labels=labels, loss=loss_sum / max(tokens, 1), hidden=hidden)
 
     def _reduce(self, value: float) -> float:
         if self.accelerator.num_processes == 1:
@@ -252,7 +322,7 @@ class Engine:
         return self._local_loss_sum(mine, masked=masked)
 
     def backward(self, examples: Sequence[Example], scale: float, sync: bool, total_tokens: int | None = None,
-                 extra_loss: ExtraLoss | None = None) -> float:
+                 extra_loss: ExtraLoss | None = None, hidden_states: bool = False) -> float:
         """Backward of ``scale`` x (summed answer loss of ``examples``) / ``total_tokens`` (default:
         the answer tokens of ``examples``), plus ``scale`` x the method's ``extra_loss`` term when
         given. Returns this process's summed answer loss (not reduced)."""
@@ -260,11 +330,12 @@ class Engine:
         ctx = nullcontext() if sync or self.accelerator.num_processes == 1 else self.accelerator.no_sync(self.model)
         with ctx:
             mine, masked = self._shard(examples)
-            loss_sum, logits, labels = self._local_forward(mine, masked=masked)
+            loss_sum, logits, labels, hidden = self._local_forward(mine, masked=masked,
+                                                                   hidden_states=hidden_states and extra_loss is not None)
             # DDP averages gradients over processes: multiply by their number to get the global sum.
             loss = loss_sum * (scale * self.accelerator.num_processes / total)
             if extra_loss is not None:
-                term = extra_loss(LossInputs(examples=mine, logits=logits, labels=labels, scale=scale))
+                term = extra_loss(LossInputs(examples=mine, logits=logits, labels=labels, scale=scale, hidden=hidden))
                 if term is not None:
                     loss = loss + scale * term
             self.accelerator.backward(loss)
@@ -299,45 +370,25 @@ class Engine:
 
     # -- optimizer steps -------------------------------------------------------------------------------
     def _finish_step(self, optimizer, faults: frozenset[str] = _NO_FAULTS) -> Optional[str]:
-        """Clip and step; always clears the gradients. Returns None when the step was taken, or why
-        it was skipped:
-
-        * the gradient norm is not finite: no step (:data:`SKIP_GRADIENT`);
-        * the adapter is not finite after ``optimizer.step()`` (e.g. 0/0 in Adam with eps 0, an
-          infinite learning rate): the adapter *and the optimizer's state* are put back as they
-          were before the step (:data:`SKIP_UPDATE`);
-        * torch refused the step as overflowing (a finite but huge learning rate, see
-          :func:`optimizer_step`): put back the same way (:data:`SKIP_OVERFLOW`).
-
-        Either way a skipped step leaves no trace in the adapter or the optimizer (moments and step
+        """Clip and step through :func:`guarded_step` (which says when and why a step is skipped),
+        with the skip decision agreed over the processes; always clears the gradients. Either way a skipped step leaves no trace in the adapter or the optimizer (moments and step
         count as before, so Adam's bias correction does not count it), exactly as a step skipped for
         a non-finite loss, which never reaches this point. The LR scheduler is the caller's: it
         still advances. The snapshot taken before every step is a copy of the LoRA tensors and
         their optimizer state (small); the step's arithmetic is unchanged."""
         if "gradient" in faults:
             self._poison_gradient()
-        norm = self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
-        if norm is not None and not math.isfinite(float(norm)):
-            optimizer.zero_grad(set_to_none=True)
-            return SKIP_GRADIENT
-        with torch.no_grad():
-            before = [p.detach().clone() for p in self.params]
-        state = optimizer_state(optimizer)
-        stepped = optimizer_step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        if "update" in faults:
-            with torch.no_grad():
-                self.params[0].fill_(math.nan)
-        bad = not stepped or not _all_finite(self.params)
-        if self.accelerator.num_processes > 1:  # the same decision on every process
-            bad = self._reduce(float(bad)) > 0
-        if bad:
-            with torch.no_grad():
-                for p, v in zip(self.params, before):
-                    p.copy_(v)
-            restore_optimizer_state(optimizer, state)
-            return SKIP_UPDATE if stepped else SKIP_OVERFLOW
-        return None
+
+        def poison_update() -> None:
+            if "update" in faults:
+                with torch.no_grad():
+                    self.params[0].fill_(math.nan)
+
+        def agree(bad: bool) -> bool:  # the same decision on every process
+            return self._reduce(float(bad)) > 0 if self.accelerator.num_processes > 1 else bad
+
+        return guarded_step(self.params, optimizer, lambda: self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm),
+                            agree, poison_update)
 
     @torch.no_grad()
     def _poison_gradient(self) -> None:
@@ -348,7 +399,7 @@ class Engine:
             p.grad.fill_(math.nan)
 
     def inner_step(self, micro_batches: Sequence[Sequence[Example]], optimizer, scheduler,
-                   extra_loss: ExtraLoss | None = None) -> dict:
+                   extra_loss: ExtraLoss | None = None, hidden_states: bool = False) -> dict:
         """One optimizer update over ``micro_batches`` (gradient accumulation): each micro-batch's
         mean answer loss (plus the method's extra term) divided by the number of micro-batches, as
         HF Trainer does. ``skipped`` in the result: None, or why the update was skipped."""
@@ -358,7 +409,7 @@ class Engine:
         for i, mb in enumerate(micro_batches):
             n = self.label_tokens(mb)
             local.append(self.backward(mb, 1.0 / len(micro_batches), sync=i == len(micro_batches) - 1,
-                                       extra_loss=extra_loss) / n)
+                                       extra_loss=extra_loss, hidden_states=hidden_states) / n)
             tokens += sum(self.formatter.length(e) for e in mb)
         loss = self._reduce(sum(local)) / len(micro_batches)
         if "loss" in faults:
@@ -371,15 +422,21 @@ class Engine:
         scheduler.step()
         return {"train_loss": loss if math.isfinite(loss) else None, "lr": lr, "tokens": tokens, "skipped": skipped}
 
-    def replay_step(self, examples: Sequence[Example], optimizer, loss_scale: float) -> float | None:
+    def replay_step(self, examples: Sequence[Example], optimizer, loss_scale: float,
+                    penalty: Optional[Callable[[], torch.Tensor]] = None) -> float | None:
         """One replay (outer) update on a memory batch, chunked into micro-batches with the same
-        gradient as one batch; the LR scheduler is not stepped. Returns the batch's mean loss, or
-        None when the update was skipped (a non-finite loss, gradient or adapter: see
-        :meth:`_finish_step`)."""
+        gradient as one batch; the LR scheduler is not stepped. ``penalty``: a term of the LoRA
+        tensors alone (e.g. an L2 anchor), added once to the update's loss, times ``loss_scale``,
+        with the last chunk (whose backward synchronises the processes). Returns the batch's mean
+        answer loss (without the penalty), or None when the update was skipped (a non-finite loss,
+        gradient or adapter: see :meth:`_finish_step`)."""
         faults = _faults("replay")
         total = self.label_tokens(examples)
         chunks = [examples[k:k + self.micro_batch_size] for k in range(0, len(examples), self.micro_batch_size)]
-        local = sum(self.backward(c, loss_scale, sync=i == len(chunks) - 1, total_tokens=total) for i, c in enumerate(chunks))
+        last = len(chunks) - 1
+        extra = None if penalty is None else (lambda inputs: penalty())
+        local = sum(self.backward(c, loss_scale, sync=i == last, total_tokens=total,
+                                  extra_loss=extra if i == last else None) for i, c in enumerate(chunks))
         loss = self._reduce(local) / total
         if "loss" in faults:
             loss = math.nan

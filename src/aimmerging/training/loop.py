@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import IO, Callable, Iterator, Optional, Sequence
 
@@ -38,8 +39,8 @@ from ..data.memory import ReplayMemory
 from ..data.olora import Example
 from ..errors import UserError
 from ..io import json_safe
-from ..methods.base import Method, StageInfo
-from ..models.lora import all_finite, restore, snapshot
+from ..methods.base import ForwardOutput, Method, StageInfo
+from ..models.lora import adapter_values, all_finite, restore, snapshot
 from .engine import Engine, Timers
 from .stages import Stage
 
@@ -118,6 +119,7 @@ class StageView:
         self._timers = timers
         self._emit = emit
         self._rngs: dict[str, random.Random] = {}
+        self._terms: dict[str, list[float]] = {}
 
     def rng(self, name: str) -> random.Random:
         if name not in self._rngs:  # independent streams, identical on every process
@@ -132,8 +134,28 @@ class StageView:
             examples = sorted(examples, key=self._engine.formatter.length)
         return self._engine.mean_loss(examples, train_mode=train_mode)
 
-    def update(self, examples: Sequence[Example], optimizer, loss_scale: float) -> Optional[float]:
-        return self._engine.replay_step(examples, optimizer, loss_scale)
+    def forward(self, examples: Sequence[Example], *, rows: Optional[Sequence[int]] = None,
+                adapter: Optional[Sequence[torch.Tensor]] = None, train_mode: bool = False, grad: bool = False,
+                hidden_states: bool = False) -> ForwardOutput:
+        values = adapter_values(self.params, adapter) if adapter is not None else nullcontext()
+        with values:
+            return self._engine.forward(examples, rows=rows, train_mode=train_mode, grad=grad,
+                                        hidden_states=hidden_states)
+
+    def log(self, name: str, value: float) -> None:
+        self._terms.setdefault(name, []).append(float(value))
+
+    def step_terms(self) -> dict[str, float]:
+        """The mean of each term logged since the last call (the loop puts them in the step's record)."""
+        terms = {name: sum(values) / len(values) for name, values in self._terms.items()}
+        self._terms = {}
+        return terms
+
+    def update(self, examples: Sequence[Example], optimizer, loss_scale: float,
+               penalty: Optional[Callable[[], torch.Tensor]] = None) -> Optional[float]:
+        if penalty is None:
+            return self._engine.replay_step(examples, optimizer, loss_scale)
+        return self._engine.replay_step(examples, optimizer, loss_scale, penalty=penalty)
 
     def timed(self, category: str):
         return self._timers.section(category)
@@ -191,7 +213,8 @@ def train_stage(engine: Engine, cfg: TrainSettings, stage: Stage, train: list[Ex
         micro = [next(stream) for _ in range(cfg.grad_accum)]
         micro = [mb + method.extra_examples(view, mb) for mb in micro]
         with timers.section("inner"):
-            stats = engine.inner_step(micro, optimizer, scheduler, extra_loss=extra_loss)
+            stats = engine.inner_step(micro, optimizer, scheduler, extra_loss=extra_loss,
+                                      hidden_states=bool(method.training_hidden_states))
         tokens += stats["tokens"]
         view.step = step
         record = {"event": "step", "step": step, "train_loss": stats["train_loss"], "lr": stats["lr"],
@@ -199,6 +222,7 @@ def train_stage(engine: Engine, cfg: TrainSettings, stage: Stage, train: list[Ex
         if stats["skipped"]:
             skipped += 1
             record["skipped"] = stats["skipped"]  # non-finite loss, gradient, update; overflow (engine.SKIP_*)
+        record.update(view.step_terms())  # the method's per-step terms (view.log)
         extra = method.after_step(view, record) or []
         if val and cfg.select_best_every and step % cfg.select_best_every == 0:
             with timers.section("validation"):
