@@ -1,15 +1,22 @@
-"""AIMMerging inside TRL's SFTTrainer, on SmolLM2-135M-Instruct (CPU, a few minutes).
+"""Any aimmerging method inside TRL's SFTTrainer, on SmolLM2-135M-Instruct (CPU, a few minutes).
 
 Two tasks of the built-in synthetic stream (code tables A and B), in chat form; one fresh
-SFTTrainer per task on the same PEFT model, AIMMerging as a callback, the replay memory built
-with the reference rule, every seen task evaluated after each task.
+SFTTrainer per task on the same PEFT model, the method chosen on the command line running as a
+callback (``aimmerging.hf.ContinualCallback``), the replay memory built with the reference rule,
+every seen task evaluated after each task.
 
-    pip install -e ".[hf]" && python examples/sft_trainer_smollm2.py
+    pip install -e ".[hf]" && python examples/sft_trainer_smollm2.py runs/sft-smollm2
+    python examples/sft_trainer_smollm2.py runs/sft-ewc --method ewc --set ewc_lambda=1000
+    python examples/sft_trainer_smollm2.py runs/sft-s1 --seed 1 --eval-split dev
+
+``--set NAME=VALUE`` gives the method its options (those of ``aimmerging run --help``, with
+underscores). AIMMerging and its ablations default to S0 = 4 and 8 replay steps per merge (the
+demo's settings).
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
@@ -19,8 +26,21 @@ from aimmerging.data.synthetic import generate
 from aimmerging.hf import train_stream
 from aimmerging.models.loading import load_base_model
 
-OUT = sys.argv[1] if len(sys.argv) > 1 else "runs/sft-smollm2"
-STEPS = 32
+MERGING = {"aimmerging": dict(initial_interval=4, initial_outer_steps=8),
+           "merge-fixed": dict(initial_interval=4, initial_outer_steps=8)}
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("output_dir", nargs="?", default="runs/sft-smollm2")
+parser.add_argument("--method", default="aimmerging", help="any registered method but mtl (default: aimmerging)")
+parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="an option of the method")
+parser.add_argument("--seed", type=int, default=42, help="seed of the trainer, the adapter and the memory draws")
+parser.add_argument("--steps", type=int, default=32, help="optimizer steps per task (batch 4)")
+parser.add_argument("--eval-split", choices=("test", "dev"), default="test")
+args = parser.parse_args()
+options = dict(MERGING.get(args.method, {}))
+for pair in args.set:
+    name, _, value = pair.partition("=")
+    options[name.strip()] = value.strip()
 
 
 def chat(examples, with_answer=True):
@@ -39,23 +59,26 @@ def eval_rows(examples):
             for e in examples]
 
 
-model, tok, _ = load_base_model("smollm2-135m")
-model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM"))
-
-
 def factory(model, train_dataset, callbacks):
-    args = SFTConfig(output_dir=OUT, max_steps=STEPS, per_device_train_batch_size=4, learning_rate=4e-3,
-                     warmup_steps=2, lr_scheduler_type="linear", report_to="none", use_cpu=True,
-                     logging_steps=8, save_strategy="no", disable_tqdm=True, max_length=128, seed=42)
-    return SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tok, callbacks=callbacks)
+    config = SFTConfig(output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=4,
+                       learning_rate=4e-3, warmup_steps=2, lr_scheduler_type="linear", report_to="none", use_cpu=True,
+                       logging_steps=8, save_strategy="no", disable_tqdm=True, max_length=128, seed=args.seed)
+    return SFTTrainer(model=model, args=config, train_dataset=train_dataset, processing_class=tok, callbacks=callbacks)
 
 
-tasks = [(name, Dataset.from_list(chat(generate(name, "train"))), eval_rows(generate(name, "test")))
-         for name in ("codes-a", "codes-b")]
-result = train_stream(tasks, factory, model=model, tokenizer=tok, memory_ratio=10.0, memory_batch_size=8,
-                      initial_interval=4, initial_outer_steps=4, output_dir=OUT)
-print("accuracy matrix (row: after task i; column: task j):")
-for name, row in zip(result.tasks, result.accuracy_matrix):
-    print(f"  {name}: " + "  ".join("-" if x is None else f"{x:.3f}" for x in row))
-print(f"OP {result.metrics['op']:.4f}  BWT {result.metrics['bwt']:+.4f}  merges per task {result.merges}")
-print(f"trace: {OUT}/trace.jsonl  (aimmerging controller replay {OUT}/trace.jsonl; aimmerging plot {OUT})")
+if __name__ == "__main__":
+    from transformers import set_seed
+
+    model, tok, _ = load_base_model("smollm2-135m")
+    set_seed(args.seed)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM"))
+    tasks = [(name, Dataset.from_list(chat(generate(name, "train"))), eval_rows(generate(name, args.eval_split)))
+             for name in ("codes-a", "codes-b")]
+    result = train_stream(tasks, factory, model=model, tokenizer=tok, method=args.method, memory_ratio=10.0,
+                          memory_batch_size=8, seed=args.seed, output_dir=args.output_dir, **options)
+    print(f"method {args.method}, seed {args.seed}, {args.eval_split} split")
+    print("accuracy matrix (row: after task i; column: task j):")
+    for name, row in zip(result.tasks, result.accuracy_matrix):
+        print(f"  {name}: " + "  ".join("-" if x is None else f"{x:.3f}" for x in row))
+    print(f"OP {result.metrics['op']:.4f}  BWT {result.metrics['bwt']:+.4f}  merges per task {result.merges}")
+    print(f"trace: {args.output_dir}/trace.jsonl  (aimmerging plot {args.output_dir})")

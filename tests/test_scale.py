@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import DATA_DIR, one_line_error, stage_adapters, tiny_args
+from helpers import one_line_error, stage_adapters, tiny_args
 
 from aimmerging.cli.main import main
 from aimmerging.models import loading
@@ -162,8 +162,6 @@ def test_model_without_gradient_checkpointing_is_one_line():
 # -- peak memory per stage -------------------------------------------------------------------------
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the per-stage mark is reset through /proc")
 def test_peak_memory_is_reported_per_stage(data_dir, tmp_path):
-    from aimmerging.runs import process
-
     out = tmp_path / "run"
     assert main(tiny_args(out, data_dir, method="aimmerging")) == 0
     results = json.loads((out / "results.json").read_text())

@@ -328,6 +328,8 @@ def build_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str,
             raise ConfigError(f"{origin}: unknown option '{spelled.get(name, name)}'{hint}")
     for owner, values in others.items():
         build(owner, values, origin=f"{owner.__name__} options")
+    if "fusion" in own:
+        _rule_options_to_fusion_params(own, mine, others)
     if isinstance(method_spec, Method):
         settings = method_spec.settings
     elif method_cls.Settings is not None:
@@ -335,6 +337,35 @@ def build_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str,
     else:
         settings = None
     return RunConfig(**core, settings=settings).validate()
+
+
+def _rule_options_to_fusion_params(own: dict, mine: dict[str, Any], others: dict[type, dict[str, Any]]) -> None:
+    """A merging method's fusion rule takes its parameters from the flags of the method of the same
+    name too: ``--fusion dare --dare-rate 0.3`` is ``--fusion dare --fusion-params rate=0.3`` (an
+    option ``<rule>_<param>`` of another method, for a parameter the rule declares). Both ways at
+    once for the same parameter is refused in one line."""
+    from .fusion import FUSION_RULES, rule_params
+
+    rule = mine.get("fusion", own["fusion"].default)
+    if rule not in FUSION_RULES:
+        return  # reported by the fusion option's choices
+    prefix = str(rule).replace("-", "_") + "_"
+    declared = {p.name for p in rule_params(rule)}
+    taken = {name[len(prefix):]: value for values in others.values() for name, value in values.items()
+             if name.startswith(prefix) and name[len(prefix):] in declared}
+    if not taken:
+        return
+    given = mine.get("fusion_params") or {}
+    if isinstance(given, str):
+        from .settings import coerce
+        from .methods.aimmerging import MergingSettings
+
+        given = coerce(MergingSettings, "fusion_params", given) or {}
+    both = sorted(set(taken) & set(given))
+    if both:
+        raise ConfigError(f"fusion rule '{rule}': {', '.join(both)} given twice (--{prefix.replace('_', '-')}"
+                          f"{both[0].replace('_', '-')} and --fusion-params); give it once")
+    mine["fusion_params"] = {**dict(given), **taken}
 
 
 def _is_method_spec(method: Any) -> bool:

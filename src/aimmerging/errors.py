@@ -11,3 +11,10 @@ class DataError(UserError):
 
 class ConfigError(UserError):
     """A configuration value or combination of values is invalid."""
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """``text`` (an exception, a value read from a file) on one line of at most ``limit``
+    characters, for quoting inside an error or warning message."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -3,7 +3,10 @@
 ``RunConfig``, the merge controller's ``ControllerConfig`` and every method's ``Settings``
 declare their options with :func:`option`; the CLI turns each into a flag (``lora_r`` ->
 ``--lora-r``), YAML files use the same names, and :func:`coerce` converts a flag or YAML value
-to the field's type. Pure Python (the controller imports it).
+to the field's type. An option may also declare the range its value must lie in (``ge=0``,
+``gt=0, le=1``, ``finite=True``): a dataclass deriving from :class:`Bounded` checks every such
+range after ``__init__`` (a ValueError such as ``lwf_alpha: must be >= 0``), and ``--help``
+states it. Pure Python (the controller imports it).
 """
 
 from __future__ import annotations
@@ -23,14 +26,74 @@ from .errors import ConfigError
 INT_LIMIT = 10**9
 
 
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The range an option's value must lie in: a lower end (``gt``, or ``ge`` inclusive), an upper
+    end (``lt``, or ``le`` inclusive) and, for a float open at one end or both, ``finite``. Its text
+    is the rule in a message: ``must be >= 0``, ``must be in (0, 1]``, ``must be a finite number``."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    finite: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.gt is not None and self.ge is not None) or (self.lt is not None and self.le is not None):
+            raise TypeError("an option's bounds: give gt or ge, lt or le, not both")
+
+    def admits(self, value) -> bool:
+        """Whether ``value`` lies in the range (NaN never does: every comparison with it is False)."""
+        return ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
+                and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le)
+                and (not self.finite or math.isfinite(value)))
+
+    def __str__(self) -> str:
+        low = self.gt if self.gt is not None else self.ge
+        high = self.lt if self.lt is not None else self.le
+        if low is not None and high is not None:
+            rule = f"in {'(' if self.gt is not None else '['}{low}, {high}{')' if self.lt is not None else ']'}"
+        else:
+            ends = [f"> {self.gt}" if self.gt is not None else f">= {self.ge}" if self.ge is not None else None,
+                    f"< {self.lt}" if self.lt is not None else f"<= {self.le}" if self.le is not None else None]
+            rule = " ".join(x for x in ["a finite number" if self.finite else None, *ends] if x)
+        return f"must be {rule}"
+
+
 def option(default: Any, help: str, choices: tuple | Callable[[], tuple] | None = None, group: str | None = None,
-           maximum: int | None = None, pairs: str | None = None):
+           maximum: int | None = None, pairs: str | None = None, *, gt: float | None = None,
+           ge: float | None = None, lt: float | None = None, le: float | None = None, finite: bool = False):
     """A dataclass field carrying ``help``, ``choices`` (a tuple, or a callable returning one, for
     names read from a registry), an optional ``group`` for ``--help``, for an integer option, its
-    ``maximum`` (default :data:`INT_LIMIT`; :func:`coerce` refuses a larger value) and, for a dict
-    option, how its pairs are spelled in a message (default ``TASK=VALUE``)."""
+    ``maximum`` (default :data:`INT_LIMIT`; :func:`coerce` refuses a larger value), for a dict
+    option, how its pairs are spelled in a message (default ``TASK=VALUE``) and the range its value
+    must lie in (:class:`Bounds`, checked by :class:`Bounded`, added to the help text)."""
+    bounds = Bounds(gt=gt, ge=ge, lt=lt, le=le, finite=finite)
+    if bounds == Bounds():
+        bounds = None
+    else:
+        help = f"{help}; {bounds}"
     return field(default=default, metadata={"help": help, "choices": choices, "group": group, "maximum": maximum,
-                                            "pairs": pairs})
+                                            "pairs": pairs, "bounds": bounds})
+
+
+def check_bounds(obj) -> None:
+    """Every option of dataclass ``obj`` that declares bounds holds a value within them (a value of
+    None, an unset optional option, is not checked); a ValueError ``name: must be ...`` otherwise."""
+    for f in fields(obj):
+        bounds = f.metadata.get("bounds")
+        value = getattr(obj, f.name)
+        if bounds is not None and value is not None and not bounds.admits(value):
+            raise ValueError(f"{f.name}: {bounds}")
+
+
+class Bounded:
+    """Base of an options dataclass whose options declare bounds: its ``__post_init__`` checks
+    them (:func:`check_bounds`). A subclass with rules across fields checks them after calling
+    ``super().__post_init__()``."""
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 def int_limit(cls, name: str) -> int:

@@ -41,6 +41,7 @@ from ..methods import builtin_names, resolve_method
 from ..protocol import single_overrides
 from ..runs.process import bf16_pays
 from ..runs.layout import BENCH_FILE, THROUGHPUT, RunLayout, scores_file
+from ..runs.results import read_results
 from ..runs.rundir import RunDirectory
 from .report import bench_markdown, build_report, plot_report
 
@@ -250,8 +251,8 @@ def run_bench(config: str | Path, output_dir: str | Path, quick: bool = False, o
         walls[method] = time.perf_counter() - start
 
     names = ["seq", *[m for m in bench["methods"] if m != "seq"]]
-    runs = {m: read_json(RunLayout(out / m).results) for m in names if RunLayout(out / m).results.is_file()}
-    runs["single"] = read_json(RunLayout(reference).results)
+    runs = {m: read_results(out / m) for m in names if RunLayout(out / m).results.is_file()}
+    runs["single"] = read_results(reference)
     if not throughput.is_file():
         return {"name": bench["name"], "methods": list(runs)}  # a study cell: the study report covers it
     report = build_report(bench, runs, read_json(throughput), process_walls=walls)

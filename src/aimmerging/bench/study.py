@@ -37,6 +37,7 @@ from ..config import load_yaml
 from ..errors import ConfigError
 from ..io import atomic_write_yaml
 from ..runs.layout import RunLayout
+from ..runs.results import read_results
 from .runner import load_bench_config, run_bench, run_method
 from .study_report import write_study_report
 
@@ -93,9 +94,7 @@ def run_study(config: str | Path, output_dir: str | Path, orders: list[int], see
 
 
 def _complete(run_dir: Path) -> bool:
-    from ..io import read_json
-
     try:
-        return bool(read_json(RunLayout(run_dir).results).get("complete"))
+        return bool(read_results(run_dir).get("complete"))
     except (OSError, ValueError):
         return False

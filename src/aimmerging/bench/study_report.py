@@ -29,7 +29,7 @@ from ..errors import DataError, UserError
 from ..evaluation.bootstrap import MARGIN, METRICS, bootstrap_study
 from ..io import atomic_write_json, atomic_write_text, read_json, read_jsonl, read_yaml_mapping
 from ..runs.layout import BENCH_FILE, ZERO_SHOT, RunLayout, is_run_dir, predictions_file, scores_file
-from ..runs.results import fmt_number
+from ..runs.results import fmt_number, read_results
 from ..trace import merge_summary
 
 CELL_DIR = re.compile(r"^o(\d+)-s(\d+)$")
@@ -47,11 +47,10 @@ def _status(run_dir: Path) -> tuple[Optional[dict], str]:
     """(results, "complete") for a finished run, else (results or None, why it is not used)."""
     if not run_dir.is_dir():
         return None, "not started"
-    path = RunLayout(run_dir).results
-    if not path.is_file():
+    if not RunLayout(run_dir).results.is_file():
         return None, "started, no results yet"
     try:
-        results = read_json(path)
+        results = read_results(run_dir)
     except (OSError, ValueError) as e:
         return None, f"unreadable results.json ({e})"
     if not isinstance(results, dict):
@@ -310,7 +309,7 @@ def _traces(study: Path, collected: dict) -> dict:
             run = study / c / m
             try:
                 records = read_jsonl(RunLayout(run).trace) if RunLayout(run).trace.is_file() else []
-                stages = read_json(RunLayout(run).results).get("stages") or []
+                stages = read_results(run).get("stages") or []
             except (OSError, ValueError) as e:
                 raise StudyDataError(f"{run}: unreadable trace or results ({e})") from None
             out.setdefault(c, {})[m] = {"merges": merge_summary(records),

@@ -1,6 +1,7 @@
 """A task stream through Hugging Face trainers: one fresh ``Trainer`` per task on the same PEFT
-model, AIMMerging through :class:`~aimmerging.hf.callback.AIMMergingCallback`, the replay memory
-built with the reference rule, every seen task evaluated after each task, OP and BWT."""
+model, any registered method through :class:`~aimmerging.hf.callback.ContinualCallback` (one
+method object for the whole stream), the replay memory built with the reference rule, every seen
+task evaluated after each task, OP and BWT."""
 
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ from ..data.memory import ReplayMemory
 from ..data.olora import Example
 from ..errors import ConfigError, UserError
 from ..evaluation.metrics import all_metrics
-from ..io import atomic_write_json
-from ..models.lora import lora_parameters
+from ..models.lora import lora_parameters, restore, snapshot
 from ..runs.layout import RunLayout
-from .callback import AIMMergingCallback, controller_config
+from .callback import ContinualCallback
 from .data import as_examples, label_of
-
-SOURCE = "aimmerging.hf.train_stream"
+from .host import Row, as_rows, row_id
+from .results import write_stream_results
+from .settings import make_method, settings_mapping
 Evaluate = Callable[[Any, str, list], float]  # (model, task name, examples) -> score in [0, 1]
 
 
@@ -67,15 +68,15 @@ def _rows(dataset: Any) -> list:
 
 
 def train_stream(tasks: Sequence[tuple[str, Any, Any]], trainer_factory: Callable[[Any, Any, list], Any], *,
-                 model: Any, tokenizer: Any = None, memory_ratio: float = 2.0,
-                 memory_cap_per_task: Optional[int] = None, seed: int = 42, evaluate: Optional[Evaluate] = None,
-                 output_dir: Optional[str] = None, memory_batch_size: int = 32, probe_mode: str = "train",
-                 fusion: str | Callable = "weighted-sum", fusion_params: Optional[Mapping[str, Any]] = None,
-                 config: Any = None, eval_batch_size: int = 16,
-                 max_new_tokens: Optional[int] = None, max_input_tokens: int = 1024,
-                 **controller_settings: Any) -> StreamResult:
-    """Train ``tasks`` one after another with Hugging Face trainers and AIMMerging; evaluate every
-    seen task after each.
+                 model: Any, tokenizer: Any = None, method: Any = "aimmerging", memory_ratio: float = 2.0,
+                 memory_cap_per_task: Optional[int] = None, memory_rows: Optional[Sequence[Any]] = None,
+                 seed: int = 42, evaluate: Optional[Evaluate] = None, output_dir: Optional[str] = None,
+                 memory_batch_size: int = 32, config: Any = None, settings: Optional[Mapping[str, Any]] = None,
+                 eval_batch_size: int = 16, max_new_tokens: Optional[int] = None, max_input_tokens: int = 1024,
+                 **options: Any) -> StreamResult:
+    """Train ``tasks`` one after another with Hugging Face trainers and a continual-learning method
+    (any registered one but ``mtl``: a name, a ``Method`` class or object, ``module:Class``);
+    evaluate every seen task after each.
 
     ``tasks``: ``(name, train_dataset, eval_examples)`` triples in stream order. ``train_dataset``
     is what the factory's trainer trains on (tokenised rows for a ``Trainer``, raw or chat rows
@@ -90,18 +91,21 @@ def train_stream(tasks: Sequence[tuple[str, Any, Any]], trainer_factory: Callabl
     The loop, per task k::
 
         memory = ReplayMemory.reference(training rows of tasks < k, memory_ratio, seed)   # reference rule
-        callback = AIMMergingCallback(memory rows, task=name, task_index=k, seed=seed, ...)
+        callback = ContinualCallback(method, memory rows, task=name, task_index=k, seed=seed, ...)
         trainer = trainer_factory(model, train_dataset, [callback]); callback.attach(trainer)
-        trainer.train()                                   # probes, merges, trace records
+        trainer.train()                       # the method's hooks, its batches and loss terms, trace
         row k of the accuracy matrix = evaluate(model, task j, eval examples j) for j <= k
 
-    The memory rows are the rows the earlier trainers trained on (``trainer.train_dataset``, as
-    the trainer prepared them), chosen per class (:func:`aimmerging.hf.data.label_of`: the answer
-    text, else the label tokens) with ``memory_ratio`` percent of each task (at least one per class;
-    ``memory_cap_per_task`` caps a task's share). ``evaluate(model, task_name, examples) -> score``
-    defaults to greedy generation with exact match (ROUGE-L for free-text tasks), sharded over
-    the processes. ``controller_settings`` (``initial_interval=...``, ...), ``config``,
-    ``probe_mode``, ``fusion``, ``fusion_params`` and ``memory_batch_size`` go to every callback.
+    The memory rows (only for a method that uses a memory) are the rows the earlier trainers
+    trained on (``trainer.train_dataset``, as the trainer prepared them), chosen per class
+    (:func:`aimmerging.hf.data.label_of`: the answer text, else the label tokens) with
+    ``memory_ratio`` percent of each task (at least one per class; ``memory_cap_per_task`` caps a
+    task's share); ``memory_rows`` (one sequence of rows per task) replaces that rule.
+    ``evaluate(model, task_name, examples) -> score`` defaults to greedy generation with exact match
+    (ROUGE-L for free-text tasks), sharded over the processes. The method's options come as
+    ``settings`` (a mapping) and keyword ``options`` (``initial_interval=8``, ``ewc_lambda=100``,
+    ``fusion="ties"``, ...; for AIMMerging also ``config``, a ControllerConfig); a method that
+    starts every task afresh (``single``) gets the initial adapter back before each task.
 
     Writes ``trace.jsonl`` (started afresh) and ``results.json`` (tasks, accuracy matrix, metrics,
     ``complete``) into ``output_dir`` (default: the first trainer's ``args.output_dir``), so
@@ -120,7 +124,7 @@ def train_stream(tasks: Sequence[tuple[str, Any, Any]], trainer_factory: Callabl
                            data_collator=PadCollator(tok.pad_token_id))
 
         result = train_stream([(name, tokenize_examples(train, tok), test) for name, train, test in data],
-                              factory, model=peft_model, tokenizer=tok, initial_interval=8)
+                              factory, model=peft_model, tokenizer=tok, method="ewc", ewc_lambda=100)
         print(result.accuracy_matrix, result.metrics)
     """
     tasks = list(tasks)
@@ -134,21 +138,27 @@ def train_stream(tasks: Sequence[tuple[str, Any, Any]], trainer_factory: Callabl
         raise ConfigError(f"train_stream: a task name is listed twice in {names}")
     if not 0 < memory_ratio <= 100:
         raise ConfigError("memory_ratio: a percentage in (0, 100]")
-    config = controller_config(config, controller_settings)  # checked once, before any training
     T = len(tasks)
+    if memory_rows is not None and len(memory_rows) != T:
+        raise ConfigError(f"memory_rows: one sequence of rows per task ({T}), got {len(memory_rows)}")
+    values = {**dict(settings_mapping(config) or {}), **dict(settings or {})}
+    method_obj = make_method(method, values, options, n_tasks=T)  # checked once, before any training
     matrix: list[list[Optional[float]]] = [[None] * T for _ in range(T)]
     history: list[tuple[str, Any, list[str]]] = []  # (task, rows the trainer trained on, their classes)
     evals: dict[str, list[Example]] = {}
     records: list[dict] = []
     merges: list[int] = []
     out: Optional[Path] = Path(output_dir) if output_dir is not None else None
+    initial = None
 
     for k, (name, train_dataset, eval_items) in enumerate(tasks):
-        memory = _memory_rows(history, memory_ratio, seed, memory_cap_per_task)
-        callback = AIMMergingCallback(memory, task=names[k], task_index=k, config=config, probe_mode=probe_mode,
-                                      fusion=fusion, fusion_params=fusion_params,
-                                      output_dir=str(out) if out is not None else None, seed=seed,
-                                      memory_batch_size=memory_batch_size, write_results=False)
+        memory: list = []
+        if method_obj.uses_memory and k > 0:
+            memory = (as_rows(memory_rows[k], "memory") if memory_rows is not None
+                      else _memory_rows(history, memory_ratio, seed, memory_cap_per_task))
+        callback = ContinualCallback(method_obj, memory, task=names[k], task_index=k, seed=seed,
+                                     memory_batch_size=memory_batch_size,
+                                     output_dir=str(out) if out is not None else None, write_results=False)
         trainer = trainer_factory(model, train_dataset, [callback])
         if callback not in trainer.callback_handler.callbacks:
             raise ConfigError("train_stream: the trainer_factory must pass `callbacks` on to the trainer "
@@ -156,9 +166,14 @@ def train_stream(tasks: Sequence[tuple[str, Any, Any]], trainer_factory: Callabl
         callback.attach(trainer)
         model = trainer.model
         try:
-            lora_parameters(model)
+            params = lora_parameters(model)
         except RuntimeError:
             raise UserError("train_stream: the trainer's model has no trainable LoRA parameters (pass a PEFT model)") from None
+        if method_obj.fresh_adapter_per_task:  # every task starts from the initial adapter
+            if initial is None:
+                initial = snapshot(params)
+            else:
+                restore(params, initial)
         main = trainer.is_world_process_zero()
         if out is None:
             out = Path(trainer.args.output_dir)
@@ -176,7 +191,7 @@ def train_stream(tasks: Sequence[tuple[str, Any, Any]], trainer_factory: Callabl
 
         trained_rows = trainer.train_dataset
         raw = _rows(train_dataset)
-        if len(trained_rows) != len(raw):
+        if method_obj.uses_memory and memory_rows is None and len(trained_rows) != len(raw):
             raise UserError(f"task '{names[k]}': the trainer trained on {len(trained_rows)} rows made from "
                             f"{len(raw)} (packing?); the replay memory needs one trained row per example")
         history.append((names[k], trained_rows, [label_of(r) for r in raw]))
@@ -190,27 +205,19 @@ def train_stream(tasks: Sequence[tuple[str, Any, Any]], trainer_factory: Callabl
                                          accelerator=trainer.accelerator)
             matrix[k][j] = score if math.isfinite(score) else None
         if main:
-            _write_results(out, names, matrix, model, complete=k == T - 1)
+            write_stream_results(out, names, matrix, model, method_obj.name, complete=k == T - 1)
 
     return StreamResult(tasks=names, accuracy_matrix=matrix, metrics=all_metrics(matrix), trace=records,
                         model=model, output_dir=out, merges=merges)
 
 
-def _memory_rows(history: list[tuple[str, Any, list[str]]], ratio: float, seed: int,
-                 cap: Optional[int]) -> list[dict]:
+def _memory_rows(history: list[tuple[str, Any, list[str]]], ratio: float, seed: int, cap: Optional[int]) -> list[Row]:
     """The reference memory over the earlier tasks' trained rows (``ReplayMemory.reference`` on
-    stand-in examples that carry each row's index and class)."""
+    stand-in examples that carry each row's index and class), as rows of their tasks."""
     if not history:
         return []
     stand_ins = [[Example(id=str(i), input="", output=label, task=name) for i, label in enumerate(labels)]
                  for name, _, labels in history]
     memory = ReplayMemory.reference(stand_ins, ratio, seed, cap)
     rows = {name: trained for name, trained, _ in history}
-    return [dict(rows[e.task][int(e.id)]) for e in memory]
-
-
-def _write_results(out: Path, tasks: list[str], matrix: list, model: Any, complete: bool) -> None:
-    base = getattr(model, "get_base_model", lambda: model)()
-    atomic_write_json(RunLayout(out).results, {
-        "source": SOURCE, "method": "aimmerging (transformers trainer)", "model": type(base).__name__,
-        "tasks": tasks, "accuracy_matrix": matrix, "metrics": all_metrics(matrix), "complete": complete})
+    return [Row(dict(row), e.task, row_id(row)) for e in memory for row in [rows[e.task][int(e.id)]]]

@@ -42,7 +42,7 @@ from ..controller import ControllerConfig, MergeController, MergeDecision
 from .. import fusion
 from ..fusion import FUSION_RULES, given_params, params_help
 from ..models.lora import all_finite, l1_distance, restore, snapshot
-from ..settings import option
+from ..settings import check_bounds, option
 from . import register_method
 from .base import Method
 
@@ -59,15 +59,17 @@ class MergingSettings(ControllerConfig):
 
     probe_mode: str = option("train", "forgetting probe: 'train' (reference: dropout on, loss / accumulation) or 'eval'", ("train", "eval"))
     outer_optimizer: str = option("inner", OUTER_OPTIMIZER_HELP, OUTER_OPTIMIZERS)
-    outer_lr: float = option(1e-3, "learning rate of the separate replay optimizer (--outer-optimizer separate)")
+    outer_lr: float = option(1e-3, "learning rate of the separate replay optimizer (--outer-optimizer separate)",
+                             gt=0)
     fusion: str = option("weighted-sum", "fusion rule of a merge", FUSION_RULES.choices())
     fusion_params: Optional[dict] = option(None, "parameters of the fusion rule, NAME=VALUE,... (rules with "
-                                           f"parameters and their defaults: {params_help()})", pairs="NAME=VALUE")
+                                           f"parameters and their defaults: {params_help()}); a method's flag "
+                                           "--RULE-PARAM sets one too (--fusion dare --dare-rate 0.3)",
+                                           pairs="NAME=VALUE")
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.outer_lr > 0:
-            raise ValueError("outer_lr: must be > 0")
+        super().__post_init__()  # the controller's rules
+        check_bounds(self)
         if self.fusion in FUSION_RULES:  # an unknown rule is reported by its choices
             self.fusion_params = given_params(self.fusion, self.fusion_params)
 

@@ -62,25 +62,17 @@ import torch
 
 from ..data.formatting import IGNORE_INDEX
 from ..models.lora import snapshot
-from ..settings import option
+from ..settings import Bounded, option
 from . import register_method
 from .base import Method
 
 
 @dataclass
-class EWCSettings:
-    ewc_lambda: float = option(1000.0, "ewc: penalty weight lambda in lambda/2 * sum F (theta - theta*)^2")
-    ewc_fisher_examples: int = option(32, "ewc: training examples per task for the diagonal Fisher estimate")
+class EWCSettings(Bounded):
+    ewc_lambda: float = option(1000.0, "ewc: penalty weight lambda in lambda/2 * sum F (theta - theta*)^2", ge=0)
+    ewc_fisher_examples: int = option(32, "ewc: training examples per task for the diagonal Fisher estimate", ge=1)
     ewc_online: bool = option(False, "ewc: online EWC, one penalty: F <- ewc_gamma * F + F_task, anchored at the latest adapter")
-    ewc_gamma: float = option(1.0, "ewc: decay of the accumulated Fisher in online EWC (--ewc-online)")
-
-    def __post_init__(self) -> None:
-        if not self.ewc_lambda >= 0:
-            raise ValueError("ewc_lambda: must be >= 0")
-        if not self.ewc_fisher_examples >= 1:
-            raise ValueError("ewc_fisher_examples: must be >= 1")
-        if not 0 <= self.ewc_gamma <= 1:
-            raise ValueError("ewc_gamma: must be in [0, 1]")
+    ewc_gamma: float = option(1.0, "ewc: decay of the accumulated Fisher in online EWC (--ewc-online)", ge=0, le=1)
 
 
 def _world_size() -> int:

@@ -61,7 +61,7 @@ from typing import Optional
 import torch
 
 from ..models.lora import snapshot
-from ..settings import option
+from ..settings import Bounded, option
 from . import register_method
 from .vbm import VBM
 
@@ -91,32 +91,25 @@ def intensity_factor(ratio: float, gamma: float = 1.0, low: float = 0.5, high: f
 
 
 @dataclass
-class ForeverSettings:
+class ForeverSettings(Bounded):
     forever_window: int = option(24, "forever: warm-up steps whose summed update norm is one model-time day (S)",
-                                 maximum=100_000)
-    forever_lambda: float = option(0.05, "forever: EMA rate of the update intensity (lambda)")
-    forever_beta_base: float = option(1e-3, "forever: weight of the replay's L2 anchor at intensity ratio 1 (beta_base)")
-    forever_gamma: float = option(1.0, "forever: sensitivity of the anchor weight to the intensity ratio (gamma)")
+                                 maximum=100_000, ge=1)
+    forever_lambda: float = option(0.05, "forever: EMA rate of the update intensity (lambda)", gt=0, le=1)
+    forever_beta_base: float = option(1e-3, "forever: weight of the replay's L2 anchor at intensity ratio 1 (beta_base)",
+                                      ge=0, finite=True)
+    forever_gamma: float = option(1.0, "forever: sensitivity of the anchor weight to the intensity ratio (gamma)",
+                                  finite=True)
     forever_clip_min: float = option(0.5, "forever: lower clip of the anchor weight's factor (g_min)")
     forever_clip_max: float = option(3.0, "forever: upper clip of the anchor weight's factor (g_max)")
-    forever_replay_steps: int = option(4, "forever: replay updates on memory batches at each replay", maximum=100_000)
-    forever_replay_lr: float = option(1e-3, "forever: learning rate of the replay optimizer (AdamW, one per task)")
+    forever_replay_steps: int = option(4, "forever: replay updates on memory batches at each replay",
+                                       maximum=100_000, ge=1)
+    forever_replay_lr: float = option(1e-3, "forever: learning rate of the replay optimizer (AdamW, one per task)",
+                                      gt=0)
 
     def __post_init__(self) -> None:
-        if not self.forever_window >= 1:
-            raise ValueError("forever_window: must be >= 1")
-        if not 0 < self.forever_lambda <= 1:
-            raise ValueError("forever_lambda: must be in (0, 1]")
-        if not (self.forever_beta_base >= 0 and math.isfinite(self.forever_beta_base)):
-            raise ValueError("forever_beta_base: must be a finite number >= 0")
-        if not math.isfinite(self.forever_gamma):
-            raise ValueError("forever_gamma: must be finite")
+        super().__post_init__()
         if not 0 <= self.forever_clip_min <= self.forever_clip_max < math.inf:
             raise ValueError("forever_clip_min, forever_clip_max: need 0 <= min <= max, finite")
-        if not self.forever_replay_steps >= 1:
-            raise ValueError("forever_replay_steps: must be >= 1")
-        if not self.forever_replay_lr > 0:
-            raise ValueError("forever_replay_lr: must be > 0")
 
 
 @register_method

@@ -65,24 +65,19 @@ import torch
 
 from ..data.formatting import IGNORE_INDEX
 from ..models.lora import snapshot
-from ..settings import option
+from ..settings import Bounded, option
 from . import register_method
 from .base import Method
 
 
 @dataclass
-class ILoRASettings:
-    ilora_ema: float = option(0.99, "ilora: interpolation (EMA) coefficient of the slow adapter: slow <- ema * slow + (1 - ema) * fast after every step")
-    ilora_beta: float = option(1.0, "ilora: weight of the hidden-state consistency loss between the fast and the slow adapter on replay examples")
-    ilora_replay_ratio: float = option(1.0, "ilora: memory examples added per current-task example in each micro-batch")
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.ilora_ema < 1:
-            raise ValueError("ilora_ema: must be in [0, 1)")
-        if not self.ilora_beta >= 0:
-            raise ValueError("ilora_beta: must be >= 0")
-        if not self.ilora_replay_ratio >= 0:
-            raise ValueError("ilora_replay_ratio: must be >= 0")
+class ILoRASettings(Bounded):
+    ilora_ema: float = option(0.99, "ilora: interpolation (EMA) coefficient of the slow adapter: slow <- ema * "
+                              "slow + (1 - ema) * fast after every step", ge=0, lt=1)
+    ilora_beta: float = option(1.0, "ilora: weight of the hidden-state consistency loss between the fast and the "
+                               "slow adapter on replay examples", ge=0)
+    ilora_replay_ratio: float = option(1.0, "ilora: memory examples added per current-task example in each "
+                                       "micro-batch", ge=0)
 
 
 def consistency_mse(fast: list[tuple[tuple, torch.Tensor]], slow: list[tuple[tuple, torch.Tensor]]) -> torch.Tensor:

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from ..data.formatting import IGNORE_INDEX
 from ..models.lora import snapshot
-from ..settings import option
+from ..settings import Bounded, option
 from . import register_method
 from .base import Method
 
@@ -59,15 +59,10 @@ def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Te
 
 
 @dataclass
-class LwFSettings:
-    lwf_alpha: float = option(1.0, "lwf: weight of the distillation term (KL from the previous task's adapter)")
-    lwf_temperature: float = option(2.0, "lwf: softmax temperature T of the distillation")
-
-    def __post_init__(self) -> None:
-        if not self.lwf_alpha >= 0:
-            raise ValueError("lwf_alpha: must be >= 0")
-        if not self.lwf_temperature > 0:
-            raise ValueError("lwf_temperature: must be > 0")
+class LwFSettings(Bounded):
+    lwf_alpha: float = option(1.0, "lwf: weight of the distillation term (KL from the previous task's adapter)",
+                              ge=0)
+    lwf_temperature: float = option(2.0, "lwf: softmax temperature T of the distillation", gt=0)
 
 
 @register_method

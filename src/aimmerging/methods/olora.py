@@ -55,7 +55,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models.lora import lora_layers, snapshot
-from ..settings import option
+from ..settings import Bounded, option
 from . import register_method
 from .base import Method
 
@@ -67,18 +67,14 @@ NOT_WIRED = ("olora needs the adapter built with rank lora_r x T and lora_alpha 
 
 
 @dataclass
-class OLoRASettings:
+class OLoRASettings(Bounded):
     olora_lambda1: float = option(0.5, "olora: weight of the orthogonality loss between the new task's lora_A and "
-                                  "every earlier task's")
+                                  "every earlier task's", ge=0)
     olora_lambda2: float = option(0.0, "olora: weight of the L2 term on the new task's LoRA (sum of the Frobenius "
-                                  "norms of its A and B)")
+                                  "norms of its A and B)", ge=0)
     olora_orth: str = option("squared", "olora: orthogonality term per earlier task, the sum of the squared "
                              "('squared', the paper's) or absolute ('abs', the reference code's) entries of "
                              "A_t A_i^T", ORTH_FORMS)
-
-    def __post_init__(self) -> None:
-        if self.olora_lambda1 < 0 or self.olora_lambda2 < 0:
-            raise ValueError("olora_lambda1 and olora_lambda2 must be >= 0")
 
 
 def orthogonality_loss(a_new: torch.Tensor, a_old: torch.Tensor, form: str = "squared") -> torch.Tensor:
@@ -128,8 +124,9 @@ class OLoRA(Method):
             raise ConfigError(NOT_WIRED)
         if total_rank % self.n_tasks:
             raise ConfigError(f"olora: the adapter has rank {total_rank}, not lora_r x {self.n_tasks} (one slot per "
-                              "task); runs/runner.py::build_engine must multiply lora_r and lora_alpha by "
-                              "Method.adapter_rank_multiplier(n_tasks)")
+                              "task); in a trainer, build the PEFT model with LoraConfig(r=lora_r x tasks, "
+                              "lora_alpha=lora_alpha x tasks); in aimmerging's runner, runs/runner.py::build_engine "
+                              "must multiply both by Method.adapter_rank_multiplier(n_tasks)")
         return total_rank // self.n_tasks
 
     def before_task(self, view) -> None:

@@ -3,18 +3,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..settings import option
+from ..settings import Bounded, option
 from . import register_method
 from .base import Method
 
 
 @dataclass
-class ReplaySettings:
-    replay_ratio: float = option(0.25, "replay method: memory examples added per current-task example in each micro-batch")
-
-    def __post_init__(self) -> None:
-        if not self.replay_ratio >= 0:
-            raise ValueError("replay_ratio: must be >= 0")
+class ReplaySettings(Bounded):
+    replay_ratio: float = option(0.25, "replay method: memory examples added per current-task example in each micro-batch",
+                                 ge=0)
 
 
 @register_method

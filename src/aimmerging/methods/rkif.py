@@ -48,30 +48,21 @@ from dataclasses import dataclass
 from .. import fusion
 from ..fusion.importance import NEITHER_SELECTED, ImportanceTracker
 from ..models.lora import restore, snapshot
-from ..settings import option
+from ..settings import Bounded, option
 from . import register_method
 from .base import Method
 
 
 @dataclass
-class RKIFSettings:
-    rkif_inner_steps: int = option(8, "rkif: task steps between two fusions (the inner loop, Q)", maximum=100_000)
+class RKIFSettings(Bounded):
+    rkif_inner_steps: int = option(8, "rkif: task steps between two fusions (the inner loop, Q)", maximum=100_000,
+                                   ge=1)
     rkif_outer_steps: int = option(4, "rkif: replay updates on memory batches before each fusion (the outer loop)",
-                                   maximum=100_000)
-    rkif_beta1: float = option(0.85, "rkif: EMA coefficient of the sensitivity |w * grad|")
-    rkif_beta2: float = option(0.85, "rkif: EMA coefficient of the uncertainty |(|w * grad|) - sensitivity|")
-    rkif_keep: float = option(0.2, "rkif: fraction of all LoRA entries each importance mask selects")
-
-    def __post_init__(self) -> None:
-        if not self.rkif_inner_steps >= 1:
-            raise ValueError("rkif_inner_steps: must be >= 1")
-        if not self.rkif_outer_steps >= 0:
-            raise ValueError("rkif_outer_steps: must be >= 0")
-        for name in ("rkif_beta1", "rkif_beta2"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be in (0, 1)")
-        if not 0 < self.rkif_keep <= 1:
-            raise ValueError("rkif_keep: must be in (0, 1]")
+                                   maximum=100_000, ge=0)
+    rkif_beta1: float = option(0.85, "rkif: EMA coefficient of the sensitivity |w * grad|", gt=0, lt=1)
+    rkif_beta2: float = option(0.85, "rkif: EMA coefficient of the uncertainty |(|w * grad|) - sensitivity|",
+                               gt=0, lt=1)
+    rkif_keep: float = option(0.2, "rkif: fraction of all LoRA entries each importance mask selects", gt=0, le=1)
 
 
 @register_method

@@ -92,7 +92,6 @@ the loop as is, and the loop keeps the trained adapter (trace: ``task_end_adapte
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional
 
@@ -102,48 +101,37 @@ from ..fusion import resolve_params
 from ..fusion.lora import SPACES, merge_adapters, refactor
 from ..fusion.task_vectors import SIGN_METHODS
 from ..models.lora import LoraLayers, lora_layers, restore, snapshot
-from ..settings import option
+from ..settings import Bounded, option
 from . import register_method
 from .base import Method
 
 
 # -- settings -----------------------------------------------------------------------------------------
 @dataclass
-class TaskMergingSettings:
+class TaskMergingSettings(Bounded):
     merge_space: str = option("delta", "merging methods: merge the weight updates B@A of each layer and re-factor "
                               "them into rank r by SVD ('delta'), or merge the A and B tensors ('params')", SPACES)
 
 
 @dataclass
 class TaskArithmeticSettings(TaskMergingSettings):
-    merge_alpha: float = option(0.5, "task-arithmetic: merged = previous merged + alpha x task vector")
-
-    def __post_init__(self) -> None:
-        if not math.isfinite(self.merge_alpha):
-            raise ValueError("merge_alpha: must be a finite number")
+    merge_alpha: float = option(0.5, "task-arithmetic: merged = previous merged + alpha x task vector", finite=True)
 
 
 @dataclass
 class TiesSettings(TaskMergingSettings):
-    ties_density: float = option(0.2, "ties: fraction of each task vector's entries kept (largest magnitudes)")
+    ties_density: float = option(0.2, "ties: fraction of each task vector's entries kept (largest magnitudes)",
+                                  gt=0, le=1)
     ties_lambda: float = option(1.0, "ties: scaling of the merged task vector")
     ties_sign: str = option("total", "ties: sign election by the summed mass ('total', the paper's) or by counting "
                             "signs ('frequency')", SIGN_METHODS)
-
-    def __post_init__(self) -> None:
-        if not 0 < self.ties_density <= 1:
-            raise ValueError(f"ties_density: must be in (0, 1], got {self.ties_density}")
 
 
 @dataclass
 class DareSettings(TaskMergingSettings):
     dare_rate: float = option(0.5, "dare: probability of dropping each entry of the task vector (the rest are "
-                              "rescaled by 1/(1-p))")
+                              "rescaled by 1/(1-p))", ge=0, lt=1)
     dare_weight: float = option(1.0, "dare: weight of the dropped-and-rescaled task vector when it is added")
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.dare_rate < 1:
-            raise ValueError(f"dare_rate: must be in [0, 1), got {self.dare_rate}")
 
 
 @dataclass

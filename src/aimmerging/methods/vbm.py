@@ -39,7 +39,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..settings import option
+from ..settings import Bounded, option
 from . import register_method
 from .base import Method
 
@@ -74,19 +74,12 @@ class EbbinghausSchedule:
 
 
 @dataclass
-class VBMSettings:
+class VBMSettings(Bounded):
     vbm_interval: int = option(24, "vbm: inner steps in one day of the Ebbinghaus replay schedule (S)",
-                               maximum=100_000)
-    vbm_replay_steps: int = option(4, "vbm: replay updates on memory batches at each replay", maximum=100_000)
-    vbm_lr: float = option(1e-3, "vbm: learning rate of the replay optimizer (AdamW, one per task)")
-
-    def __post_init__(self) -> None:
-        if not self.vbm_interval >= 1:
-            raise ValueError("vbm_interval: must be >= 1")
-        if not self.vbm_replay_steps >= 1:
-            raise ValueError("vbm_replay_steps: must be >= 1")
-        if not self.vbm_lr > 0:
-            raise ValueError("vbm_lr: must be > 0")
+                               maximum=100_000, ge=1)
+    vbm_replay_steps: int = option(4, "vbm: replay updates on memory batches at each replay", maximum=100_000,
+                                   ge=1)
+    vbm_lr: float = option(1e-3, "vbm: learning rate of the replay optimizer (AdamW, one per task)", gt=0)
 
 
 @register_method

@@ -17,7 +17,6 @@ plot is drawn, so importing this module stays cheap. Every file is written atomi
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any, Optional
 from ..errors import UserError
 from ..io import atomic_write
 from ..runs.layout import RunLayout
-from ..runs.results import fmt_number
+from ..runs.results import fmt_number, read_results
 from ..trace import TaskTrace, read_trace, split_tasks
 
 FIGSIZE = (8.0, 4.5)
@@ -56,7 +55,7 @@ def load_run(run_dir: str | os.PathLike) -> tuple[dict, list[TaskTrace]]:
     if not results_path.is_file():
         raise UserError(f"{run_dir}: not an aimmerging run directory (no results.json)")
     try:
-        results = json.loads(results_path.read_text(encoding="utf-8"))
+        results = read_results(run_dir)
     except (OSError, ValueError) as e:
         raise UserError(f"{results_path}: cannot read: {e}") from None
     if not isinstance(results, dict) or not isinstance(results.get("accuracy_matrix"), list) \

@@ -1,10 +1,13 @@
 """What a run returns: ``results.json`` assembled from the stage records, its markdown summary,
-and :class:`RunResult`, the Python API's typed view of it. Pure functions of plain data (no I/O
-beyond reading a reference ``results.json``); the number formatting and the matrix table used by
-every report live here."""
+and :class:`RunResult`, the Python API's typed view of it. Pure functions of plain data, but for
+:func:`read_results`, the one reader of a run directory's ``results.json`` (the run itself on
+resume, the plots, the bench, the study and its report) and :func:`load_reference`, which reads a
+reference run's (or any such file the user names); the number formatting and the matrix table used
+by every report live here."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -25,6 +28,13 @@ def accuracy_matrix(tasks: Sequence[str], rows: dict[int, Row]) -> list[list[Opt
         for task, score in scores.items():
             a[i][index[task]] = score
     return a
+
+
+def read_results(run_dir: str | os.PathLike) -> Any:
+    """The ``results.json`` of the run directory ``run_dir``, parsed (any JSON value: each reader
+    checks the shape it needs). OSError when it cannot be read, ValueError when it is not JSON (not
+    UTF-8 text included): each reader says in its own words what that means for it."""
+    return read_json(RunLayout(run_dir).results)
 
 
 def load_reference(path: str | Path, tasks: Sequence[str]) -> list[Optional[float]]:

@@ -185,6 +185,15 @@ def guarded_step(params: Sequence[torch.Tensor], optimizer, clip: Callable[[], O
     return None
 
 
+def share(items: Sequence, rank: int, world: int) -> list:
+    """The contiguous share of process ``rank`` of ``world`` (as ``accelerate``'s
+    ``split_between_processes``: the first ``len(items) % world`` processes get one more). The one
+    sharding rule of both hosts."""
+    per, extra = divmod(len(items), world)
+    start = rank * per + min(rank, extra)
+    return list(items[start:start + per + (1 if rank < extra else 0)])
+
+
 class Timers:
     """Wall-clock seconds per category (inner, probe, replay, bookkeeping, eval, and a method's
     own: fisher, distillation, ...). Exclusive: a section opened inside another (a method's
@@ -313,8 +322,7 @@ class Engine:
         collectives of DDP/FSDP stay matched on all processes."""
         if self.accelerator.num_processes == 1:
             return list(examples), False
-        with self.accelerator.split_between_processes(list(examples)) as mine:
-            mine = list(mine)
+        mine = share(examples, self.accelerator.process_index, self.accelerator.num_processes)
         return (mine, False) if mine else (list(examples[:1]), True)
 
     def _shard_loss_sum(self, examples: Sequence[Example]) -> torch.Tensor:

@@ -99,32 +99,60 @@ def micro_batch_stream(examples: Sequence[Example], size: int, rng: random.Rando
             yield [examples[i] for i in order[k:k + size]]
 
 
-class StageView:
-    """What a method may read and do while one stage trains (see ``methods.base.TrainingView``)."""
+class ViewBase:
+    """What both hosts' views (this loop's :class:`StageView`, ``aimmerging.hf``'s ``TrainerView``)
+    share: the state every method sees, the seeded random streams, the per-step term log, the
+    timers and the trace."""
 
-    def __init__(self, engine: Engine, cfg: TrainSettings, stage: Stage, memory: ReplayMemory, max_steps: int,
-                 optimizer, timers: Timers, emit: Callable[[dict], None]):
-        self.stage = StageInfo(stage.index, stage.name, tuple(stage.train_tasks))
+    def __init__(self, *, stage: StageInfo, max_steps: int, seed: int, grad_accum: int, memory_batch_size: int,
+                 params, model, memory: ReplayMemory, optimizer, timers: Timers, emit: Callable[[dict], None]):
+        self.stage = stage
         self.step = 0
         self.max_steps = max_steps
-        self.seed = cfg.seed
-        self.grad_accum = cfg.grad_accum
-        self.memory_batch_size = cfg.memory_batch_size
-        self.params = engine.params
-        self.model = engine.peft_model
+        self.seed = seed
+        self.grad_accum = grad_accum
+        self.memory_batch_size = memory_batch_size
+        self.params = params
+        self.model = model
         self.memory = memory
         self.optimizer = optimizer
-        self._engine = engine
-        self._micro = cfg.micro_batch_size
         self._timers = timers
         self._emit = emit
         self._rngs: dict[str, random.Random] = {}
         self._terms: dict[str, list[float]] = {}
 
     def rng(self, name: str) -> random.Random:
-        if name not in self._rngs:  # independent streams, identical on every process
+        if name not in self._rngs:  # independent streams, identical on every process and in both hosts
             self._rngs[name] = random.Random(f"{name}-{self.seed}-{self.stage.index}")
         return self._rngs[name]
+
+    def log(self, name: str, value: float) -> None:
+        self._terms.setdefault(name, []).append(float(value))
+
+    def step_terms(self) -> dict[str, float]:
+        """The mean of each term logged since the last call (the host puts them in the step's record)."""
+        terms = {name: sum(values) / len(values) for name, values in self._terms.items()}
+        self._terms = {}
+        return terms
+
+    def timed(self, category: str):
+        return self._timers.section(category)
+
+    def emit(self, record: dict) -> None:
+        self._emit(record)
+
+
+class StageView(ViewBase):
+    """What a method may read and do while one stage trains (see ``methods.base.TrainingView``)."""
+
+    def __init__(self, engine: Engine, cfg: TrainSettings, stage: Stage, memory: ReplayMemory, max_steps: int,
+                 optimizer, timers: Timers, emit: Callable[[dict], None]):
+        super().__init__(stage=StageInfo(stage.index, stage.name, tuple(stage.train_tasks)), max_steps=max_steps,
+                         seed=cfg.seed, grad_accum=cfg.grad_accum, memory_batch_size=cfg.memory_batch_size,
+                         params=engine.params, model=engine.peft_model, memory=memory, optimizer=optimizer,
+                         timers=timers, emit=emit)
+        self._engine = engine
+        self._micro = cfg.micro_batch_size
 
     def mean_loss(self, examples: Sequence[Example], train_mode: bool) -> float:
         # a batch larger than a micro-batch (the probe's memory batch) is passed in micro-batches of
@@ -142,26 +170,11 @@ class StageView:
             return self._engine.forward(examples, rows=rows, train_mode=train_mode, grad=grad,
                                         hidden_states=hidden_states)
 
-    def log(self, name: str, value: float) -> None:
-        self._terms.setdefault(name, []).append(float(value))
-
-    def step_terms(self) -> dict[str, float]:
-        """The mean of each term logged since the last call (the loop puts them in the step's record)."""
-        terms = {name: sum(values) / len(values) for name, values in self._terms.items()}
-        self._terms = {}
-        return terms
-
     def update(self, examples: Sequence[Example], optimizer, loss_scale: float,
                penalty: Optional[Callable[[], torch.Tensor]] = None) -> Optional[float]:
         if penalty is None:
             return self._engine.replay_step(examples, optimizer, loss_scale)
         return self._engine.replay_step(examples, optimizer, loss_scale, penalty=penalty)
-
-    def timed(self, category: str):
-        return self._timers.section(category)
-
-    def emit(self, record: dict) -> None:
-        self._emit(record)
 
 
 def validation_loss(engine: Engine, val: list[Example], cfg: TrainSettings) -> float:
@@ -240,18 +253,25 @@ def train_stage(engine: Engine, cfg: TrainSettings, stage: Stage, train: list[Ex
     if best["params"] is not None:
         restore(engine.params, best["params"])
         emit({"event": "select_best", "step": best["step"], "val_loss": best["loss"]})
+    finish_stage(method, view, emit, max_steps)
+    refuse_non_finite_adapter(engine.peft_model, engine.params, stage.dirname, method)
+    return {"steps": max_steps, "merges": merges, "tokens": tokens, "skipped_steps": skipped,
+            "skipped_replay_steps": replay_skipped, "best_step": best["step"]}
+
+
+def finish_stage(method: Method, view, emit: Callable[[dict], None], step: int) -> None:
+    """The end of a stage, in both hosts (this loop and ``aimmerging.hf``): ``after_task``'s records,
+    then ``task_end_adapter``'s values written into the adapter, only when they are all finite
+    (else the trained adapter is kept and a record says so)."""
     for r in method.after_task(view) or []:
         emit(r)
     replacement = method.task_end_adapter(view)
     if replacement is not None:
         if all_finite(replacement):
-            restore(engine.params, replacement)
+            restore(view.params, replacement)
         else:  # a non-finite value never reaches the adapter: keep the trained one
-            emit({"event": "task_end_adapter", "step": max_steps,
+            emit({"event": "task_end_adapter", "step": step,
                   "fallback": "trained adapter (non-finite task_end_adapter values dropped)"})
-    _refuse_non_finite_adapter(engine, stage, method)
-    return {"steps": max_steps, "merges": merges, "tokens": tokens, "skipped_steps": skipped,
-            "skipped_replay_steps": replay_skipped, "best_step": best["step"]}
 
 
 class NonFiniteAdapter(UserError):
@@ -259,15 +279,15 @@ class NonFiniteAdapter(UserError):
     before its evaluation and commit, so the same command resumes at it once the cause is fixed)."""
 
 
-def _refuse_non_finite_adapter(engine: Engine, stage: Stage, method: Method) -> None:
-    """The engine's steps and the task-end replacement never write a non-finite value, so one found
+def refuse_non_finite_adapter(model, params, stage: str, method: Method) -> None:
+    """The optimizer steps and the task-end replacement never write a non-finite value, so one found
     at the end of a stage came from a method hook writing into the adapter (``after_step``,
     ``after_task``, ...): stop with one line naming the stage, the method and the tensor."""
-    if all_finite(engine.params):
+    if all_finite(params):
         return
-    name = next((n for n, p in engine.peft_model.named_parameters()
+    name = next((n for n, p in model.named_parameters()
                  if "lora_" in n and not bool(torch.isfinite(p.detach()).all())), "a LoRA tensor")
-    raise NonFiniteAdapter(f"stage {stage.dirname}: method '{method.name}' left a non-finite value (NaN or inf) in "
+    raise NonFiniteAdapter(f"stage {stage}: method '{method.name}' left a non-finite value (NaN or inf) in "
                            f"the adapter ({name}) through one of its hooks; the stage was not saved: fix the cause "
                            "and rerun the same command to resume at this stage")
 
