@@ -7,17 +7,28 @@
 # intervals over seeds x orders comes as early as possible; then replay and I-LoRA; then MTL and
 # FOREVER. Many hours on 2 CPU cores.
 # Resumable: run it again after an interruption; finished runs (the seed-42 runs of an earlier
-# study directory included) are kept. `aimmerging bench report --output-dir runs/study` rebuilds
-# the report from whatever is finished, with AIMMerging minus each method on OP as the primary family.
+# study directory included) are kept. `aimmerging bench report --output-dir runs/study --archive
+# benchmarks/results/study` rebuilds the report from whatever is finished, with AIMMerging minus
+# each method on OP as the primary family.
+#
+# Across work sessions (each a fresh clone: runs/ is not in git), the study goes on through
+# $ARCHIVE (benchmarks/results/study, committed): every run that finishes is archived there at
+# once as one small JSON file (bench/study_archive.py; also after each shard, by `bench archive`),
+# and an archived run is never run again. Before a session ends:
+#   aimmerging bench archive --output-dir runs/study --to benchmarks/results/study
+#   git add benchmarks/results/study && git commit -m "study: runs finished so far"
+# and the next session runs this script again: it continues with the first run not archived (a
+# run cut off half way starts over; a cell whose `seq` run is only archived trains each method's
+# first stage itself instead of copying it: the same computation).
 set -euo pipefail
 OUT=${OUT:-runs/study}
+ARCHIVE=${ARCHIVE:-benchmarks/results/study}
 CONFIG=benchmarks/standard-cl-study.yaml
 SEEDS=${SEEDS:-42,43,44}
 PRIMARY=merge-fixed,replay,ilora,mtl,forever
-aimmerging bench --config $CONFIG --orders 1,2,3 --seeds "$SEEDS" --output-dir "$OUT" --no-progress \
-  --methods aimmerging,merge-fixed --primary $PRIMARY
-aimmerging bench --config $CONFIG --orders 1,2,3 --seeds "$SEEDS" --output-dir "$OUT" --no-progress \
-  --methods replay,ilora --primary $PRIMARY
-aimmerging bench --config $CONFIG --orders 1,2,3 --seeds "$SEEDS" --output-dir "$OUT" --no-progress \
-  --methods mtl,forever --primary $PRIMARY
-aimmerging bench report --output-dir "$OUT" --primary $PRIMARY
+for SHARD in aimmerging,merge-fixed replay,ilora mtl,forever; do
+  aimmerging bench --config $CONFIG --orders 1,2,3 --seeds "$SEEDS" --output-dir "$OUT" --no-progress \
+    --methods "$SHARD" --primary $PRIMARY --archive "$ARCHIVE"
+  aimmerging bench archive --output-dir "$OUT" --to "$ARCHIVE"
+done
+aimmerging bench report --output-dir "$OUT" --primary $PRIMARY --archive "$ARCHIVE"

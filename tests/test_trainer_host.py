@@ -154,6 +154,12 @@ def test_what_a_trainer_cannot_do_is_refused_in_one_line(tmp_path):
     trainer.add_callback(cb)
     with pytest.raises(ConfigError, match="attach the callback to its trainer"):
         trainer.train()
+    # attached, but the collator would run in worker processes (its draws and batch rows lost there)
+    trainer = Trainer(model=model, args=trainer_args(tmp_path, max_steps=1, dataloader_num_workers=1),
+                      train_dataset=rows, data_collator=PadCollator(tok.pad_token_id))
+    ContinualCallback.for_trainer(trainer, "replay", rows[:2], task="codes-b", task_index=1)
+    with pytest.raises(ConfigError, match=r"dataloader_num_workers=0"):
+        trainer.train()
     # O-LoRA needs one rank slot per task: an adapter of rank 8 cannot hold three equal ones
     def factory(model, train_dataset, callbacks):
         return Trainer(model=model, args=trainer_args(tmp_path, max_steps=1), train_dataset=train_dataset,

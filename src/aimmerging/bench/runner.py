@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 from ..config import build_config, load_yaml, result_options
 from ..data.benchmarks import resolve_tasks
@@ -105,11 +105,15 @@ def _method_config(bench: dict, method: str, out: Path, run_dir: Path | None = N
     return build_config(values).to_dict()
 
 
+def method_config(config: str | Path, quick: bool, overrides: dict, method: str, run_dir: Path) -> dict:
+    """The run config of one method of the benchmark ``config`` run in ``run_dir``."""
+    return _method_config(load_bench_config(config, quick, overrides, None), method, run_dir.parent, run_dir)
+
+
 def run_method(config: str | Path, quick: bool, overrides: dict, method: str, run_dir: Path, cfg_path: Path,
                progress: bool = True, isolate: bool = True) -> None:
     """One method of the benchmark ``config`` in ``run_dir`` (resumable), outside a bench directory."""
-    bench = load_bench_config(config, quick, overrides, None)
-    cfg = _method_config(bench, method, run_dir.parent, run_dir)
+    cfg = method_config(config, quick, overrides, method, run_dir)
     atomic_write_yaml(cfg_path, cfg)
     _run_module(["aimmerging.bench.worker", str(cfg_path), *([] if progress else ["--no-progress"])],
                 f"method {method}", isolate)
@@ -205,11 +209,16 @@ _CELL_KEYS = {"order", "output_dir", "fwt_reference", "tasks"}
 def run_bench(config: str | Path, output_dir: str | Path, quick: bool = False, overrides: dict | None = None,
               progress: bool = True, isolate: bool = True, methods: list[str] | None = None,
               single_dir: str | Path | None = None, siblings: list[Path] | None = None,
-              throughput_study: bool = True) -> dict:
+              throughput_study: bool = True, skip: Optional[Callable[[str, dict], bool]] = None,
+              on_finished: Optional[Callable[[str, Path], None]] = None) -> dict:
     """Every method of ``config`` in ``output_dir`` (resumable). ``methods``: a subset (a shard:
     several invocations with different subsets fill the same directory). ``single_dir``: a
-    finished FWT reference run to use instead of running ``single`` here (a study shares one per
-    seed). ``siblings``: other cells of a study whose finished stages may be shared."""
+    finished FWT reference (its run directory, or a results.json with its reference scores) to
+    use instead of running ``single`` here (a study shares one per seed). ``siblings``: other
+    cells of a study whose finished stages may be shared. ``skip(method, run config)``: whether a
+    method is done elsewhere (a study's archive) and is not run; a method whose first stage would
+    come from a skipped ``seq`` trains it itself (the same computation). ``on_finished(method,
+    run directory)``: called after each method's run."""
     bench = load_bench_config(config, quick, overrides or {}, methods)
     chosen = list(bench["methods"])
     # bench.yaml lists every method planned (the config's, and every shard's)
@@ -240,6 +249,9 @@ def run_bench(config: str | Path, output_dir: str | Path, quick: bool = False, o
         cfg = _method_config(bench, method, out)
         if method not in ("seq", "single", "mtl"):
             cfg["fwt_reference"] = str(reference)
+        if skip is not None and skip(method, cfg):
+            log.info("bench: %s is archived, not run", method)
+            continue
         _shared_prefix(method, cfg, out, siblings or [])
         if method != "seq" and shares_first_stage(method, bench["run"]):
             _share_stages(out / "seq", cfg, out / method)
@@ -249,12 +261,14 @@ def run_bench(config: str | Path, output_dir: str | Path, quick: bool = False, o
         start = time.perf_counter()
         _run_module(["aimmerging.bench.worker", str(cfg_path), *flags], f"method {method}", isolate)
         walls[method] = time.perf_counter() - start
+        if on_finished is not None:
+            on_finished(method, out / method)
 
+    if not throughput.is_file():
+        return {"name": bench["name"], "methods": list(bench["methods"])}  # a study cell: the study report covers it
     names = ["seq", *[m for m in bench["methods"] if m != "seq"]]
     runs = {m: read_results(out / m) for m in names if RunLayout(out / m).results.is_file()}
     runs["single"] = read_results(reference)
-    if not throughput.is_file():
-        return {"name": bench["name"], "methods": list(runs)}  # a study cell: the study report covers it
     report = build_report(bench, runs, read_json(throughput), process_walls=walls)
     atomic_write_json(out / "report.json", report)
     plot_report(report, out / "report.png")

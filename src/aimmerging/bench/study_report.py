@@ -6,216 +6,153 @@ Layout read (nothing else in the study directory is looked at)::
     STUDY/o<order>-s<seed>/<method>/   one run directory per method and (order, seed) cell
     STUDY/single-s<seed>/              the FWT reference of that seed: a run of ``single``
     STUDY/report.json, report.md, report.png   written by :func:`write_study_report`
+    ARCHIVE/<cell>/<method>.json       (``--archive``) finished runs of earlier sessions, as
+                                       records (:mod:`.study_archive`); a run finished in STUDY wins
 
-Only runs whose ``results.json`` says ``"complete": true`` are used; any other method of a cell
-(incomplete, not started, listed in the cell's ``bench.yaml`` but absent) is reported as missing.
-Per-example scores come from ``stages/<NN>-<task>/predictions/<task>.jsonl`` of every stage with
-a ``row`` (a zero-shot stage is ignored); the runs of a cell must have scored the same test
+Only runs whose ``results.json`` says ``"complete": true`` (or archived) are used; any other method
+of a cell (incomplete, not started, listed in the cell's ``bench.yaml`` but absent) is reported as
+missing. Per-example scores come from ``stages/<NN>-<task>/predictions/<task>.jsonl`` of every stage
+with a ``row`` (a zero-shot stage is ignored); the runs of a cell must have scored the same test
 examples (ids, in order) of each task, or a :class:`StudyDataError` (a ValueError) names the two
-files. A cell has FWT only when its seed's ``single`` run is complete and scored the same test
+runs. A cell has FWT only when its seed's ``single`` run is complete and scored the same test
 examples of every task of the cell; otherwise the reason is reported.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-import numpy as np
-
-from ..errors import DataError, UserError
+from ..errors import UserError
 from ..evaluation.bootstrap import MARGIN, METRICS, bootstrap_study
-from ..io import atomic_write_json, atomic_write_text, read_json, read_jsonl, read_yaml_mapping
-from ..runs.layout import BENCH_FILE, ZERO_SHOT, RunLayout, is_run_dir, predictions_file, scores_file
-from ..runs.results import fmt_number, read_results
-from ..trace import merge_summary
+from ..io import atomic_write_json, atomic_write_text
+from ..runs.layout import is_run_dir
+from ..runs.results import fmt_number
+from .study_archive import (CELL_DIR, StudyDataError, bench_methods, differs, id_problem, read_archive, record_rows,
+                            run_record, run_status, single_scores)
 
-CELL_DIR = re.compile(r"^o(\d+)-s(\d+)$")
-SINGLE_DIR = re.compile(r"^single-s(\d+)$")
 LABELS = {"op": "OP", "bwt": "BWT", "fwt": "FWT"}
-
-
-class StudyDataError(DataError, ValueError):
-    """The finished runs of a study disagree (other test examples, other tasks) or are damaged."""
 
 
 # -- reading ---------------------------------------------------------------------------------------
 
-def _status(run_dir: Path) -> tuple[Optional[dict], str]:
-    """(results, "complete") for a finished run, else (results or None, why it is not used)."""
-    if not run_dir.is_dir():
-        return None, "not started"
-    if not RunLayout(run_dir).results.is_file():
-        return None, "started, no results yet"
-    try:
-        results = read_results(run_dir)
-    except (OSError, ValueError) as e:
-        return None, f"unreadable results.json ({e})"
-    if not isinstance(results, dict):
-        return None, "unreadable results.json (not an object)"
-    if results.get("complete") is not True:
-        done, total = len(results.get("stages") or []), len(results.get("tasks") or [])
-        return results, f"incomplete ({done}/{total} stages)"
-    return results, "complete"
+def _cell_key(name: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in CELL_DIR.match(name).groups())
 
 
-def _stage_dirs(run_dir: Path) -> list[tuple[Path, dict]]:
-    """(directory, record) of every finished stage that fills a row of the accuracy matrix."""
-    stages = RunLayout(run_dir).stages
-    out = []
-    for d in sorted(stages.iterdir()) if stages.is_dir() else []:
-        if not d.is_dir() or d.name.startswith((".", ZERO_SHOT)) or not scores_file(d).is_file():
-            continue
-        try:
-            record = read_json(scores_file(d))
-        except (OSError, ValueError) as e:
-            raise StudyDataError(f"{scores_file(d)}: unreadable ({e})") from None
-        if isinstance(record, dict) and record.get("row") is not None:
-            out.append((d, record))
-    return out
+class _Runs:
+    """Where each run of a study is read from: its run directory when finished there, else the
+    archive; disagreements between the two are collected in ``conflicts`` (one line each)."""
+
+    def __init__(self, study: Path, archive: Optional[str | os.PathLike]):
+        self.study = study
+        self.archived = read_archive(archive) if archive is not None else {}
+        self.conflicts: list[str] = []
+
+    def load(self, run_dir: Path, cell: str, method: str) -> tuple[Optional[dict], Optional[dict], str, Any]:
+        """(results of the run directory or None, record or None, status, where the record is from)."""
+        results, status = run_status(run_dir)
+        entry = self.archived.get((cell, method))
+        if status == "complete":
+            record = run_record(run_dir, cell, method, results=results)
+            field = differs(record, entry[0]) if entry is not None else None
+            if field is not None:
+                self.conflicts.append(f"{cell}/{method}: the run directory and {entry[1]} disagree ({field}); "
+                                      "the run directory's is used")
+            return results, record, status, run_dir
+        if entry is not None:
+            return results, entry[0], "complete", entry[1]
+        return results, None, status, None
 
 
-def _predictions(path: Path) -> tuple[list, np.ndarray]:
-    if not path.is_file():
-        raise StudyDataError(f"{path}: missing (the stage's scores.json names this task)")
-    try:
-        records = read_jsonl(path)
-        return [r["id"] for r in records], np.array([float(r["score"]) for r in records], dtype=float)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise StudyDataError(f"{path}: unreadable predictions ({type(e).__name__}: {e})") from None
-
-
-def load_run_scores(run_dir: str | os.PathLike) -> dict:
-    """The per-example scores of a finished run: ``{"rows": {row: {task: scores}}, "ids": {task:
-    (ids, path)}}``, checking that every stage scored the same examples of a task."""
-    run_dir = Path(run_dir)
-    rows: dict[int, dict[str, np.ndarray]] = {}
-    ids: dict[str, tuple[list, Path]] = {}
-    for d, record in _stage_dirs(run_dir):
-        row = int(record["row"])
-        for task in record.get("scores") or {}:
-            path = predictions_file(d, task)
-            task_ids, scores = _predictions(path)
-            if task in ids and ids[task][0] != task_ids:
-                raise StudyDataError(_id_problem(task, path, ids[task][1]))
-            ids.setdefault(task, (task_ids, path))
-            rows.setdefault(row, {})[task] = scores
-    return {"rows": rows, "ids": ids}
-
-
-def _id_problem(task: str, path: Path, other: Path) -> str:
-    return (f"{path}: scored other test examples of task {task!r} than {other} (ids differ or are in "
-            "another order); the runs compared must score the same examples")
-
-
-def _bench_methods(cell_dir: Path) -> list[str]:
-    """The methods the cell's bench.yaml lists (its order is the report's), [] without one."""
-    path = cell_dir / BENCH_FILE
-    if not path.is_file():
-        return []
-    try:
-        methods = read_yaml_mapping(path, "bench file").get("methods") or []
-    except UserError:
-        return []
-    return [str(m) for m in methods] if isinstance(methods, list) else []
-
-
-def _is_run_dir(d: Path) -> bool:
-    return is_run_dir(d)
-
-
-def collect_study(study_dir: str | os.PathLike) -> dict:
-    """Everything the report needs from a study directory.
+def collect_study(study_dir: str | os.PathLike, archive: Optional[str | os.PathLike] = None) -> dict:
+    """Everything the report needs from a study directory (and the archive directory ``archive``,
+    whose runs count as finished; a run finished in both is read from the study directory).
 
     Returns ``{"study_dir", "methods": [names, in report order], "cells": {cell: {"order", "seed",
     "tasks" (None when no run of the cell says), "runs": {method: {row: {task: scores}}} (complete
-    runs only), "ids": {task: example ids of those scores}, "single": {task: scores} or None,
-    "single_dir", "fwt_note" (why the cell has no FWT, or None)}}, "missing": [{"cell", "method",
-    "status"}], "references": {seed: {"dir", "status"}}}``. Raises :class:`StudyDataError` when complete runs of a cell disagree on tasks
-    or test examples, UserError when ``study_dir`` is not a directory."""
+    runs only), "traces": {method: the record's trace}, "ids": {task: example ids of those scores},
+    "single": {task: scores} or None, "single_dir", "fwt_note" (why the cell has no FWT, or None)}},
+    "missing": [{"cell", "method", "status"}], "references": {seed: {"dir", "status"}}, "conflicts":
+    [one line per run whose directory and archive file disagree]}``. Raises
+    :class:`StudyDataError` when complete runs of a cell disagree on tasks or test examples, or an
+    archive file is damaged; UserError when ``study_dir`` is not a directory (it need not exist
+    when an archive is given)."""
     study = Path(study_dir)
-    if not study.is_dir():
+    if not study.is_dir() and (archive is None or study.exists()):
         raise UserError(f"{study}: not a directory")
-    cell_dirs = sorted((d for d in study.iterdir() if d.is_dir() and CELL_DIR.match(d.name)),
-                       key=lambda d: tuple(int(x) for x in CELL_DIR.match(d.name).groups()))
+    runs = _Runs(study, archive)
+    dirs = {d.name: d for d in study.iterdir() if d.is_dir() and CELL_DIR.match(d.name)} if study.is_dir() else {}
+    names = sorted(set(dirs) | {c for c, _m in runs.archived if CELL_DIR.match(c)}, key=_cell_key)
     order: list[str] = []
-    for d in cell_dirs:
-        order += [m for m in _bench_methods(d) if m not in order]
-    found = sorted({r.name for d in cell_dirs for r in d.iterdir() if _is_run_dir(r)} - set(order))
-    methods = order + found
+    for c in names:
+        listed = bench_methods(dirs[c]) if c in dirs else []
+        listed += [m for (cell, _m), (record, _p) in runs.archived.items() if cell == c for m in record["bench_methods"]]
+        order += [m for m in dict.fromkeys(listed) if m not in order]
+    found = {r.name for d in dirs.values() for r in d.iterdir() if is_run_dir(r)}
+    found |= {m for c, m in runs.archived if CELL_DIR.match(c)}
+    methods = order + sorted(found - set(order))
 
     references: dict[str, dict] = {}
-    singles: dict[str, Optional[dict]] = {}
-    for seed in sorted({CELL_DIR.match(d.name).group(2) for d in cell_dirs}, key=int):
+    singles: dict[str, Optional[tuple]] = {}
+    for seed in sorted({CELL_DIR.match(c).group(2) for c in names}, key=int):
         ref_dir = study / f"single-s{seed}"
-        results, status = _status(ref_dir)
+        _results, record, status, origin = runs.load(ref_dir, ref_dir.name, "single")
         references[seed] = {"dir": ref_dir.name, "status": status}
-        singles[seed] = _single_scores(ref_dir, results) if status == "complete" else None
+        singles[seed] = (single_scores(record), record["ids"], origin) if record is not None else None
 
     cells: dict[str, dict] = {}
     missing: list[dict] = []
-    for d in cell_dirs:
-        order_s, seed = CELL_DIR.match(d.name).groups()
-        cell = {"order": int(order_s), "seed": int(seed), "tasks": None, "runs": {}, "single": None,
+    for c in names:
+        order_s, seed = CELL_DIR.match(c).groups()
+        cell = {"order": int(order_s), "seed": int(seed), "tasks": None, "runs": {}, "traces": {}, "single": None,
                 "single_dir": references[seed]["dir"], "fwt_note": None, "ids": {}}
-        ids: dict[str, tuple[list, Path]] = {}
-        first: Optional[Path] = None
+        ids: dict[str, tuple[list, Any]] = {}
+        first: Any = None
         for m in methods:
-            results, status = _status(d / m)
+            results, record, status, origin = runs.load(dirs.get(c, study / c) / m, c, m)
             if results and cell["tasks"] is None and isinstance(results.get("tasks"), list):
                 cell["tasks"] = list(results["tasks"])  # provisional, from any run; a complete one wins
-            if status != "complete":
-                missing.append({"cell": d.name, "method": m, "status": status})
+            if record is None:
+                missing.append({"cell": c, "method": m, "status": status})
                 continue
-            tasks = list(results.get("tasks") or [])
+            tasks = list(record.get("tasks") or [])
             if first is None:
-                first, cell["tasks"] = d / m, tasks
+                first, cell["tasks"] = origin, tasks
             elif tasks != cell["tasks"]:
-                raise StudyDataError(f"{d / m}: tasks {tasks} differ from {cell['tasks']} of {first}; "
+                raise StudyDataError(f"{origin}: tasks {tasks} differ from {cell['tasks']} of {first}; "
                                      "the runs of a cell must share the task order")
-            scores = load_run_scores(d / m)
-            for task, (task_ids, path) in scores["ids"].items():
+            for task, task_ids in record["ids"].items():
                 if task not in tasks:
-                    raise StudyDataError(f"{path}: task {task!r} is not one of the run's tasks {tasks}")
+                    raise StudyDataError(f"{origin}: task {task!r} is not one of the run's tasks {tasks}")
                 if task in ids and ids[task][0] != task_ids:
-                    raise StudyDataError(_id_problem(task, path, ids[task][1]))
-                ids.setdefault(task, (task_ids, path))
-            cell["runs"][m] = scores["rows"]
-        cell["ids"] = {task: task_ids for task, (task_ids, _path) in ids.items()}
+                    raise StudyDataError(id_problem(task, origin, ids[task][1]))
+                ids.setdefault(task, (task_ids, origin))
+            cell["runs"][m], cell["traces"][m] = record_rows(record), record["trace"]
+        cell["ids"] = {task: task_ids for task, (task_ids, _origin) in ids.items()}
         if first is not None:
             cell["single"], cell["fwt_note"] = _cell_reference(references[seed], singles[seed], cell["tasks"], ids)
-        cells[d.name] = cell
+        cells[c] = cell
     for seed, ref in references.items():
         if ref["status"] != "complete":
             missing.append({"cell": ref["dir"], "method": "single", "status": f"{ref['status']} (the FWT reference)"})
-    return {"study_dir": str(study), "methods": methods, "cells": cells, "missing": missing, "references": references}
+    return {"study_dir": str(study), "methods": methods, "cells": cells, "missing": missing, "references": references,
+            "conflicts": runs.conflicts}
 
 
-def _single_scores(ref_dir: Path, results: dict) -> dict:
-    """{task: (ids, scores, path)} of a single run: each stage's score on its own task."""
-    out = {}
-    for d, record in _stage_dirs(ref_dir):
-        task = record.get("name")
-        if task in (record.get("scores") or {}):
-            path = predictions_file(d, task)
-            task_ids, scores = _predictions(path)
-            out[task] = (task_ids, scores, path)
-    return out
-
-
-def _cell_reference(ref: dict, single: Optional[dict], tasks: list[str],
-                    ids: dict[str, tuple[list, Path]]) -> tuple[Optional[dict], Optional[str]]:
+def _cell_reference(ref: dict, single: Optional[tuple], tasks: list[str],
+                    ids: dict[str, tuple[list, Any]]) -> tuple[Optional[dict], Optional[str]]:
     """The cell's FWT reference {task: scores}, or None and the reason."""
     if single is None:
         return None, f"{ref['dir']}: {ref['status']}"
+    scores, single_ids, origin = single
     for task in tasks:
-        if task not in single:
+        if task not in scores:
             return None, f"{ref['dir']} has no stage scoring task {task!r}"
-        if task in ids and single[task][0] != ids[task][0]:
-            return None, f"{single[task][2]} scored other test examples of task {task!r} than {ids[task][1]}"
-    return {t: single[t][1] for t in tasks}, None
+        if task in ids and single_ids.get(task) != ids[task][0]:
+            return None, f"{origin} scored other test examples of task {task!r} than {ids[task][1]}"
+    return {t: scores[t] for t in tasks}, None
 
 
 # -- the report ------------------------------------------------------------------------------------
@@ -228,7 +165,7 @@ DESIGN = ("percentile bootstrap: the test examples of each task resampled once p
 
 def build_study_report(study_dir: str | os.PathLike, reference: str = "aimmerging", B: int = 2000,
                        seed: int = 0, level: float = 0.95, primary: Optional[list[str]] = None,
-                       margin: float = MARGIN) -> dict:
+                       margin: float = MARGIN, archive: Optional[str | os.PathLike] = None) -> dict:
     """The study's report (JSON-serialisable)::
 
         {"study_dir", "reference",
@@ -244,14 +181,16 @@ def build_study_report(study_dir: str | os.PathLike, reference: str = "aimmergin
          "cells": {cell: {"order", "seed", "tasks", "n_examples": {task: n}, "single", "fwt_note",
                           "methods": {m: {"op", "bwt", "fwt"}}}},
          "missing": [{"cell", "method", "status"}],
-         "references": {seed: {"dir", "status"}}}
+         "references": {seed: {"dir", "status"}},
+         "traces": {cell: {method: {"merges", "selection"}}},
+         "archive": {"dir", "conflicts": [one line each]}}   # only with an archive
 
-    Every method seen (a run directory in a cell, or listed in a cell's bench.yaml) is in
+    ``archive``: a directory of archived runs read too (:func:`collect_study`). Every method seen (a run directory in a cell, or listed in a cell's bench.yaml) is in
     "methods", with 0 cells and null figures when it has no complete run. ``primary``: the
     family of primary comparisons (``reference`` minus each of these methods on OP, Holm-adjusted;
     default every other method with a complete run); ``margin``: the equivalence margin (TOST).
     UserError when no cell has a complete run yet, or a primary method is not in the study."""
-    study = collect_study(study_dir)
+    study = collect_study(study_dir, archive)
     used = {c: cell for c, cell in study["cells"].items() if cell["runs"]}
     if not used:
         cells = ", ".join(study["cells"]) or "no o<order>-s<seed> directory"
@@ -297,24 +236,10 @@ def build_study_report(study_dir: str | os.PathLike, reference: str = "aimmergin
             "comparisons": comparisons,
             "methods": methods, "differences": differences, "cells": cells,
             "missing": study["missing"], "references": study["references"],
-            "traces": _traces(Path(study_dir), study)}
-
-
-def _traces(study: Path, collected: dict) -> dict:
-    """{cell: {method: {"merges": merge_summary or None, "selection": [best step or None, steps] per
-    task}}} of the complete runs: what the merge controller did and what model selection kept."""
-    out: dict = {}
-    for c, cell in collected["cells"].items():
-        for m in cell["runs"]:
-            run = study / c / m
-            try:
-                records = read_jsonl(RunLayout(run).trace) if RunLayout(run).trace.is_file() else []
-                stages = read_results(run).get("stages") or []
-            except (OSError, ValueError) as e:
-                raise StudyDataError(f"{run}: unreadable trace or results ({e})") from None
-            out.setdefault(c, {})[m] = {"merges": merge_summary(records),
-                                        "selection": [[s.get("best_step"), s.get("steps")] for s in stages]}
-    return out
+            # {cell: {method: {"merges": merge_summary or None, "selection": [[best step, steps] per
+            # task]}}} of the complete runs: what the merge controller did and what selection kept
+            "traces": {c: dict(cell["traces"]) for c, cell in study["cells"].items() if cell["traces"]},
+            **({} if archive is None else {"archive": {"dir": str(archive), "conflicts": study["conflicts"]}})}
 
 
 def _with_ci(s: dict, signed: bool = False) -> str:
@@ -377,6 +302,11 @@ def study_markdown(report: dict, command: Optional[str] = None) -> str:
     out = [f"# Study report: `{report['study_dir']}`", ""]
     if command:
         out += [f"Command: `{command}`", ""]
+    if report.get("archive"):
+        out += [f"Runs read from the study directory and the archive `{report['archive']['dir']}` (a run finished "
+                "in both: the study directory's).", ""]
+        out += [f"Archive disagreement: {line}" for line in report["archive"]["conflicts"]]
+        out += [""] if report["archive"]["conflicts"] else []
     covers = ("the test-set sampling and the training noise between seeds (seeds resampled)"
               if "seeds" in boot.get("resampled", []) else "the test-set sampling only (one seed: training noise "
               "is not measured)")
@@ -542,11 +472,15 @@ def _errorbar(ax, s: dict, y: float, colour: str, label: Optional[str] = None) -
 # -- writing ---------------------------------------------------------------------------------------
 
 def write_study_report(study_dir: str | os.PathLike, command: Optional[str] = None, reference: str = "aimmerging",
-                       B: int = 2000, seed: int = 0, primary: Optional[list[str]] = None, margin: float = MARGIN) -> dict:
-    """Build the report and write ``report.json``, ``report.md`` and ``report.png`` into the study
-    directory (each atomically); returns the report. UserError when no run is finished yet."""
+                       B: int = 2000, seed: int = 0, primary: Optional[list[str]] = None, margin: float = MARGIN,
+                       archive: Optional[str | os.PathLike] = None) -> dict:
+    """Build the report (``archive``: see :func:`collect_study`) and write ``report.json``,
+    ``report.md`` and ``report.png`` into the study directory (each atomically; the directory is
+    created when only the archive has runs); returns the report. UserError when no run is finished yet."""
     study = Path(study_dir)
-    report = build_study_report(study, reference=reference, B=B, seed=seed, primary=primary, margin=margin)
+    report = build_study_report(study, reference=reference, B=B, seed=seed, primary=primary, margin=margin,
+                                archive=archive)
+    study.mkdir(parents=True, exist_ok=True)
     atomic_write_json(study / "report.json", report)
     atomic_write_text(study / "report.md", study_markdown(report, command))
     plot_study(report, study / "report.png")

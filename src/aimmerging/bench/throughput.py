@@ -9,7 +9,11 @@
   more rows show what a larger micro-batch or no LoRA dropout would give (the runs keep the config's).
 * :func:`precision_study` times the same training steps, probe passes and generation in fp32 and
   under bf16 autocast, alternating, against the fp32 and bf16 matmul peaks (CPUs with bf16
-  instructions).
+  instructions); with a second engine (:func:`bf16_base_engine`) it also times the QLoRA-style
+  split against today's path in the same rounds: base weights held in bf16, LoRA tensors and their
+  optimizer in fp32, under the same bf16 autocast.
+* :func:`cpu_description` names the CPU and its bf16 instructions (AMX, AVX512-BF16), printed
+  beside the figures.
 * :func:`time_breakdown` profiles the runs' step and splits its time into matmuls, attention,
   dropout masks and the rest, with the matmuls' own FLOP rate.
 
@@ -31,6 +35,48 @@ import torch
 
 from ..data.olora import Example
 from ..runs.process import bf16_pays
+
+
+def cpu_description() -> dict:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor name elsewhere) and which bf16
+    matmul instructions it has: AMX tiles (``amx_bf16``) and AVX512-BF16, read from the cpuinfo
+    flags and, where cpuinfo is missing, from torch's own checks."""
+    import platform
+
+    name, flags = "", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not name:
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    cpu = getattr(torch, "cpu", None)
+
+    def torch_says(check: str) -> bool:
+        return bool(getattr(cpu, check, lambda: False)())
+
+    return {"model": name or platform.processor() or platform.machine() or "unknown",
+            "amx": "amx_bf16" in flags or (not flags and torch_says("_is_amx_tile_supported")),
+            "avx512_bf16": "avx512_bf16" in flags or (not flags and torch_says("_is_avx512_bf16_supported"))}
+
+
+def bf16_base_engine(cfg, accelerator, *, rank_multiplier: int = 1, like=None):
+    """The engine of the candidate path, built as a run builds its own: the base loaded with
+    ``from_pretrained(dtype=torch.bfloat16)`` (the run option ``dtype: bfloat16``), LoRA attached by
+    PEFT, whose ``autocast_adapter_dtype`` keeps the LoRA tensors in fp32 (and so their gradients
+    and AdamW state: the QLoRA split). ``like``: an engine whose adapter values this one takes, so
+    that both paths start from the same adapter (PEFT initialises it through the base's bf16)."""
+    from ..models.lora import restore, snapshot
+    from ..runs.runner import build_engine
+
+    engine = build_engine(dataclasses.replace(cfg, dtype="bfloat16"), accelerator, rank_multiplier=rank_multiplier).engine
+    if like is not None:
+        restore(engine.params, snapshot(like.params))
+    return engine
 
 
 def matmul_peak(n: int = 2048, repeats: int = 6, dtype: torch.dtype = torch.float32) -> float:
@@ -201,12 +247,18 @@ def time_breakdown(engine, cfg, examples: Sequence[Example], steps: int = 2) -> 
 
 
 def precision_study(engine, cfg, examples: Sequence[Example], steps: int = 3, rounds: int = 3,
-                    memory_batch: int | None = None, generate_batch: int = 20, new_tokens: int = 8) -> dict:
+                    memory_batch: int | None = None, generate_batch: int = 20, new_tokens: int = 8,
+                    bf16_base=None) -> dict:
     """fp32 against bf16 autocast (LoRA weights, gradients and optimizer stay fp32) on identical
     work, alternating ``rounds`` times (fp32, bf16, fp32, ...): ``steps`` training steps, as many
     probe passes (a memory batch, train mode, no gradients) and one greedy generation of
     ``generate_batch`` prompts for ``new_tokens`` tokens (EOS ignored). Best round of each.
-    The training step's FLOP rate is compared with the matmul peak of its own precision."""
+    The training step's FLOP rate is compared with the matmul peak of its own precision.
+
+    ``bf16_base``: an engine over the same model with its base weights held in bf16 and fp32 LoRA
+    tensors (:func:`bf16_base_engine`); it runs the same work under the same bf16 autocast as row
+    ``bf16 base``, in the same rounds (fp32, bf16, bf16 base, fp32, ...), and ``bf16_base_speedup``
+    compares it with today's path (row ``bf16``: fp32 base under bf16 autocast)."""
     from ..evaluation.generate import generate_predictions
 
     batches = _batches(examples, cfg, engine, cfg.group_by_length, steps + 1)
@@ -214,12 +266,14 @@ def precision_study(engine, cfg, examples: Sequence[Example], steps: int = 3, ro
     prompts = list(examples[:generate_batch])
     flops = sum(count_step_flops(engine, mb) for mb in batches[1:])
     tokens = sum(engine.formatter.length(e) for step in batches[1:] for mb in step for e in mb)
-    optimizer = torch.optim.AdamW(engine.params, lr=1e-7)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    model = engine.peft_model
     no_eos = copy.copy(engine.formatter)  # generation ignores EOS: every row generates new_tokens tokens
     no_eos.eos_id = None
-    precisions = {"fp32": None, "bf16": torch.bfloat16}
+    # name: (engine, autocast dtype or None), each engine with an optimizer of its own LoRA tensors
+    precisions = {"fp32": (engine, None), "bf16": (engine, torch.bfloat16)}
+    if bf16_base is not None:
+        precisions["bf16 base"] = (bf16_base, torch.bfloat16)
+    optimizers = {id(e): torch.optim.AdamW(e.params, lr=1e-7) for e, _ in precisions.values()}
+    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda _: 1.0) for k, o in optimizers.items()}
     best: dict[str, dict[str, float]] = {k: {} for k in precisions}
 
     def timed(fn) -> float:
@@ -227,12 +281,13 @@ def precision_study(engine, cfg, examples: Sequence[Example], steps: int = 3, ro
         fn()
         return time.perf_counter() - start
 
-    for round_ in range(rounds + 1):  # round 0 warms both up
-        for name, dtype in precisions.items():
+    for round_ in range(rounds + 1):  # round 0 warms every path up
+        for name, (eng, dtype) in precisions.items():
+            optimizer, sched = optimizers[id(eng)], schedulers[id(eng)]
             with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                step = timed(lambda: [engine.inner_step(b, optimizer, sched) for b in batches[1:]]) / steps
-                passes = timed(lambda: [engine.mean_loss(probe, train_mode=True, chunk=len(probe)) for _ in range(steps)]) / steps
-            gen = timed(lambda: generate_predictions(model, no_eos, prompts, batch_size=generate_batch,
+                step = timed(lambda: [eng.inner_step(b, optimizer, sched) for b in batches[1:]]) / steps
+                passes = timed(lambda: [eng.mean_loss(probe, train_mode=True, chunk=len(probe)) for _ in range(steps)]) / steps
+            gen = timed(lambda: generate_predictions(eng.peft_model, no_eos, prompts, batch_size=generate_batch,
                                                      max_new_tokens=new_tokens, progress=False, autocast_dtype=dtype))
             if round_ == 0:
                 continue
@@ -243,12 +298,22 @@ def precision_study(engine, cfg, examples: Sequence[Example], steps: int = 3, ro
     rows = {}
     for name, b in best.items():
         gflops = flops / steps / b["step_s"] / 1e9
-        rows[name] = {**b, "tokens_per_s": tokens / steps / b["step_s"], "gflops": gflops,
-                      "peak_gflops": peaks[name], "fraction_of_peak": gflops / peaks[name],
+        peak_of = "fp32" if name == "fp32" else "bf16"
+        rows[name] = {**b, "tokens_per_s": tokens / steps / b["step_s"], "gflops": gflops, "peak_of": peak_of,
+                      "peak_gflops": peaks[peak_of], "fraction_of_peak": gflops / peaks[peak_of],
                       "generated_tokens_per_s": generate_batch * new_tokens / b["generate_s"]}
-    return {"steps": steps, "rounds": rounds, "memory_batch": len(probe), "generate_batch": len(prompts),
-            "new_tokens": new_tokens, "bf16_instructions": bf16_pays(), "rows": rows,
-            "speedup": {k: rows["fp32"][k] / rows["bf16"][k] for k in ("step_s", "probe_s", "generate_s")}}
+    timings = ("step_s", "probe_s", "generate_s")
+    out = {"steps": steps, "rounds": rounds, "memory_batch": len(probe), "generate_batch": len(prompts),
+           "new_tokens": new_tokens, "bf16_instructions": bf16_pays(), "rows": rows,
+           "speedup": {k: rows["fp32"][k] / rows["bf16"][k] for k in timings}}
+    if "bf16 base" in rows:  # > 1: the new path is faster than today's
+        out["bf16_base_speedup"] = {k: rows["bf16"][k] / rows["bf16 base"][k] for k in timings}
+    return out
+
+
+# the precision study's rows as printed
+PATHS = {"fp32": "fp32", "bf16": "bf16 (today: fp32 base under bf16 autocast)",
+         "bf16 base": "bf16 base (new: bf16 base, fp32 LoRA + AdamW, bf16 autocast)"}
 
 
 def flops_per_token(engine, cfg, examples: Sequence[Example], steps: int = 2) -> float:
@@ -283,8 +348,11 @@ def main(argv: list[str]) -> int:
         study["flops_per_token"] = flops_per_token(engine, cfg, examples)
         study["breakdown"] = time_breakdown(engine, cfg, examples)
     study["precision_of_runs"] = "bf16" if bf16 else "fp32"
+    study["cpu"] = cpu_description()
     if engine.accelerator.device.type == "cpu" and bf16_pays():
-        study["precision"] = precision_study(engine, cfg, examples, steps=steps)
+        candidate = bf16_base_engine(runner.cfg, runner.accelerator, like=engine,
+                                     rank_multiplier=runner.method.adapter_rank_multiplier(len(runner.tasks)))
+        study["precision"] = precision_study(engine, cfg, examples, steps=steps, bf16_base=candidate)
     # the peak (in the runs' precision) is what the machine can do: the best of the measurements
     # before and after the study (anything else running at the time can only lower a measurement)
     study["peak_measurements_gflops"] = [peak, matmul_peak(dtype=dtype)]
@@ -295,13 +363,21 @@ def main(argv: list[str]) -> int:
     breakdown["peak_gflops"] = peak
     breakdown["matmul_fraction_of_peak"] = breakdown["matmul_gflops"] / peak if breakdown["matmul_gflops"] else None
     atomic_write_json(argv[1], study)
+    cpu = study["cpu"]
+    print(f"CPU: {cpu['model']}; AMX {'yes' if cpu['amx'] else 'no'}, AVX512-BF16 {'yes' if cpu['avx512_bf16'] else 'no'}; "
+          f"{study['threads']} threads")
     for row in study["rows"]:
         print(f"{row['lever']}: {row['step_s']:.2f} s/step, {row['tokens_per_s']:.0f} tokens/s, "
               f"{row['gflops']:.1f} GFLOP/s = {100 * row['fraction_of_peak']:.0f}% of {peak:.1f}")
-    for name, row in (study.get("precision") or {}).get("rows", {}).items():
-        print(f"{name}: {row['step_s']:.2f} s/step, {row['tokens_per_s']:.0f} tokens/s, {100 * row['fraction_of_peak']:.0f}% "
-              f"of the {name} peak {row['peak_gflops']:.0f} GFLOP/s; probe {row['probe_s']:.2f} s; "
+    precision = study.get("precision") or {}
+    for name, row in precision.get("rows", {}).items():
+        print(f"{PATHS.get(name, name)}: {row['step_s']:.2f} s/step, {row['tokens_per_s']:.0f} tokens/s, {100 * row['fraction_of_peak']:.0f}% "
+              f"of the {row['peak_of']} peak {row['peak_gflops']:.0f} GFLOP/s; probe {row['probe_s']:.2f} s; "
               f"generation {row['generated_tokens_per_s']:.0f} tokens/s")
+    if "bf16_base_speedup" in precision:
+        print("bf16 base over today's bf16 path (> 1: faster): " + ", ".join(
+            f"{what} {precision['bf16_base_speedup'][key]:.2f}x"
+            for what, key in (("step", "step_s"), ("probe", "probe_s"), ("generation", "generate_s"))))
     print("time of the runs' step: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in breakdown["shares"].items())
           + f"; matmuls alone at {100 * (breakdown['matmul_fraction_of_peak'] or 0):.0f}% of peak")
     return 0

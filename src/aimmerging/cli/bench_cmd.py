@@ -1,6 +1,7 @@
 """``aimmerging bench``: every method side by side on one stream and model (``aimmerging.bench``);
-with ``--orders`` (and ``--seeds``) a study over task orders with confidence intervals, and
-``aimmerging bench report`` rebuilds a study's report from what is finished."""
+with ``--orders`` (and ``--seeds``) a study over task orders with confidence intervals,
+``aimmerging bench report`` rebuilds a study's report from what is finished, and ``aimmerging
+bench archive`` writes its finished runs as small files git carries to the next session."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from ..errors import ConfigError
 def register(sub, argv=None) -> None:
     b = sub.add_parser("bench", help="every method side by side on one stream and model: quality, speed, cost; "
                                      "'bench report' rebuilds a study's report")
-    b.add_argument("action", nargs="?", choices=("run", "report"), default="run",
-                   help="run (default) or report: rebuild report.{md,json,png} of a study (--orders) from its finished runs")
+    b.add_argument("action", nargs="?", choices=("run", "report", "archive"), default="run",
+                   help="run (default); report: rebuild report.{md,json,png} of a study (--orders) from its finished "
+                        "runs; archive: write each finished run of a study as a small JSON file into --to")
     b.add_argument("--config", default="benchmarks/standard-cl.yaml",
                    help="benchmark config (default: benchmarks/standard-cl.yaml)")
     b.add_argument("--quick", action="store_true", help="the config's quick variant (2 tasks, fewer steps)")
@@ -37,6 +39,10 @@ def register(sub, argv=None) -> None:
                         "Holm-adjusted as one family (default: every other method); the rest are secondary, unadjusted")
     b.add_argument("--equivalence-margin", type=float, default=None,
                    help="a study's equivalence margin (two one-sided tests) for the verdict 'equivalent' (default: 0.02)")
+    b.add_argument("--archive", default=None, metavar="DIR",
+                   help="a study's archive of finished runs (e.g. benchmarks/results/study, committed to git): "
+                        "the study skips archived runs and archives each run it finishes; the report reads it too")
+    b.add_argument("--to", default=None, metavar="DIR", help="bench archive: the archive directory to write")
     b.set_defaults(func=cmd_bench)
 
 
@@ -71,13 +77,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     comparisons = _comparisons(args)
     if comparisons and args.action != "report" and orders is None:
         raise ConfigError("--primary / --equivalence-margin: only for a study (--orders, or 'bench report')")
+    if args.archive is not None and (args.action == "archive" or (args.action == "run" and orders is None)):
+        raise ConfigError("--archive: only for a study (--orders) or 'bench report'; 'bench archive' writes to --to")
+    if (args.to is None) == (args.action == "archive"):
+        raise ConfigError("--to DIR: give it with 'bench archive' (and only there), e.g. --to benchmarks/results/study")
+    if args.action == "archive":
+        from ..bench.study_archive import archive_study
+
+        out = args.output_dir or "runs/study"
+        done = archive_study(out, args.to)
+        print(f"Archived {len(done['written']) + len(done['unchanged'])} finished run(s) of {out} in {args.to}: "
+              f"{len(done['written'])} new, {len(done['unchanged'])} already there; {done['unfinished']} not finished")
+        return 0
     if args.action == "report":
         from ..bench.study_report import study_markdown, write_study_report
 
         out = args.output_dir or "runs/study"
         flags = "".join([f" --primary {','.join(comparisons['primary'])}" if "primary" in comparisons else "",
-                         f" --equivalence-margin {comparisons['margin']:g}" if "margin" in comparisons else ""])
-        report = write_study_report(out, command=f"aimmerging bench report --output-dir {out}{flags}", **comparisons)
+                         f" --equivalence-margin {comparisons['margin']:g}" if "margin" in comparisons else "",
+                         f" --archive {args.archive}" if args.archive is not None else ""])
+        report = write_study_report(out, command=f"aimmerging bench report --output-dir {out}{flags}",
+                                    archive=args.archive, **comparisons)
         print(study_markdown(report))
         print(f"Report: {out}/report.md, {out}/report.json, {out}/report.png")
         return 0
@@ -94,9 +114,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         out = args.output_dir or "runs/study"
         command = " ".join(["aimmerging bench", *([f"--config {args.config}"] if args.config != "benchmarks/standard-cl.yaml" else []),
                             *(["--quick"] if args.quick else []), f"--orders {args.orders}",
-                            *([f"--seeds {args.seeds}"] if args.seeds else []), f"--output-dir {out}"])
+                            *([f"--seeds {args.seeds}"] if args.seeds else []), f"--output-dir {out}",
+                            *([f"--archive {args.archive}"] if args.archive is not None else [])])
         report = run_study(args.config, out, orders, seeds, quick=args.quick, overrides=overrides,
-                           progress=not args.no_progress, methods=methods, command=command, **comparisons)
+                           progress=not args.no_progress, methods=methods, command=command, archive=args.archive,
+                           **comparisons)
         print(study_markdown(report))
         print(f"Report: {out}/report.md, {out}/report.json, {out}/report.png")
         return 0

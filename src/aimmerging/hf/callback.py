@@ -83,17 +83,17 @@ class ContinualCallback(TrainerCallback):
             self._trace.flush()
 
     def _running_loss(self) -> Optional[float]:
-        t = getattr(self.trainer, "_tr_loss", None) if self.trainer is not None else None
-        return float(t) if t is not None else None
+        return float(t) if (t := getattr(self.trainer, "_tr_loss", None)) is not None else None
 
     # -- TrainerCallback events ------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         m = self.method
         needs_trainer = (type(m).extra_examples is not Method.extra_examples
                          or type(m).extra_loss is not Method.extra_loss)
-        if needs_trainer and self.trainer is None:
+        if needs_trainer and (self.trainer is None or args.dataloader_num_workers > 0):
             raise ConfigError(f"method '{m.name}' changes the trainer's batches or loss: attach the callback to its "
-                              "trainer (ContinualCallback.for_trainer(trainer, ...) or callback.attach(trainer))")
+                              "trainer (ContinualCallback.for_trainer(trainer, ...) or callback.attach(trainer)) and "
+                              "keep its collator in the training process (dataloader_num_workers=0)")
         self._dir = Path(self.output_dir or args.output_dir)
         self._start, self._last_step = state.global_step, 0
         view = TrainerView.for_trainer(args, state, model, optimizer, train_dataloader, self.collate or getattr(

@@ -22,6 +22,10 @@ Losses are summed over the answer tokens and divided by their number (causal mod
 shifted by one; seq2seq: not), as in the engine. Several processes: every rank draws the same
 memory batches, works on its contiguous share (``training.engine.share``), and losses, token counts
 and replay gradients are summed over the ranks, so every rank takes the same decisions and updates.
+Replay mixing differs from the engine there: the trainer shards its own rows before the collator
+sees them, so every rank adds the same memory rows to its share (the engine adds them to the
+global micro-batch and then shards it). The wrappers act only in train mode: batches of the
+trainer's evaluation pass through unchanged.
 """
 
 from __future__ import annotations
@@ -286,7 +290,7 @@ def install(trainer, host) -> None:
 
     def collate_with_method(features):
         view, method = host.view, host.method
-        if view is None:
+        if view is None or not view.model.training:  # outside training, or the trainer's evaluation
             return collate(features)
         rows = [Row(dict(f), view.stage.name, row_id(f)) for f in features]
         extra = method.extra_examples(view, rows) or []
@@ -301,7 +305,7 @@ def install(trainer, host) -> None:
     def compute_loss_with_method(model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         rows = host.take_rows(inputs.pop(BATCH_KEY, None))
         view, method = host.view, host.method
-        if rows is None or view is None:
+        if rows is None or view is None or not model.training:
             return compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch,
                                 **kwargs)
         hidden = bool(method.training_hidden_states)
