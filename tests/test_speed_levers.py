@@ -8,7 +8,6 @@ bf16 base resumes bit-identically."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -16,11 +15,11 @@ import torch
 from aimmerging.bench.throughput import bf16_base_engine, cpu_description, precision_study
 from aimmerging.cli.main import main
 from aimmerging.config import build_config
-from aimmerging.methods.seq import Sequential
 from aimmerging.models.lora import snapshot
 from aimmerging.runs.runner import Runner, build_engine
 
 from helpers import DATA_DIR, stage_adapters, tiny_args
+from test_hostile_runtime import NanAfterTask  # seq that writes a NaN at stage 2 while `broken`
 
 RUN = {"tasks": ["dbpedia", "amazon"], "data_dir": str(DATA_DIR), "model": "tiny-causal", "train_cap": 12,
        "eval_cap": 4, "max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "memory_batch_size": 4,
@@ -82,29 +81,15 @@ def fresh_accelerate():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-class StopOnce(Sequential):
-    """seq, whose ``after_task`` writes a NaN into the adapter at the second stage while ``broken``:
-    the run stops there in one line, before that stage is committed (as in test_hostile_runtime)."""
-
-    name = "stop-once"
-    broken = True
-
-    def after_task(self, view):
-        if StopOnce.broken and view.stage.index == 1:
-            with torch.no_grad():
-                view.params[0].view(-1)[0] = math.nan
-        return None
-
-
 def test_a_bf16_base_run_resumes_bit_identically(tmp_path, data_dir, monkeypatch, fresh_accelerate):
     ref, out = tmp_path / "reference", tmp_path / "resumed"
-    method = "test_speed_levers:StopOnce"
-    monkeypatch.setattr(StopOnce, "broken", False)
+    method = "test_hostile_runtime:NanAfterTask"
+    monkeypatch.setattr(NanAfterTask, "broken", False)
     assert main(tiny_args(ref, data_dir, method=method, **BF16_BASE)) == 0
-    monkeypatch.setattr(StopOnce, "broken", True)
+    monkeypatch.setattr(NanAfterTask, "broken", True)
     assert main(tiny_args(out, data_dir, method=method, **BF16_BASE)) != 0
     assert (out / "stages" / "00-dbpedia").is_dir() and not (out / "stages" / "01-amazon").exists()
-    monkeypatch.setattr(StopOnce, "broken", False)
+    monkeypatch.setattr(NanAfterTask, "broken", False)
     assert main(tiny_args(out, data_dir, method=method, **BF16_BASE)) == 0
     got, want = json.loads((out / "results.json").read_text()), json.loads((ref / "results.json").read_text())
     assert got["complete"] is True and got["accuracy_matrix"] == want["accuracy_matrix"]
