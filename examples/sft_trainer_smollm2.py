@@ -8,6 +8,7 @@ every seen task evaluated after each task.
     pip install -e ".[hf]" && python examples/sft_trainer_smollm2.py runs/sft-smollm2
     python examples/sft_trainer_smollm2.py runs/sft-ewc --method ewc --set ewc_lambda=1000
     python examples/sft_trainer_smollm2.py runs/sft-s1 --seed 1 --eval-split dev
+    python examples/sft_trainer_smollm2.py runs/sft-own-s1 --seed 1 --eval-split dev --own-rows
 
 ``--set NAME=VALUE`` gives the method its options (those of ``aimmerging run --help``, with
 underscores). AIMMerging and its ablations default to S0 = 4 and 8 replay steps per merge (the
@@ -36,6 +37,9 @@ parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", 
 parser.add_argument("--seed", type=int, default=42, help="seed of the trainer, the adapter and the memory draws")
 parser.add_argument("--steps", type=int, default=32, help="optimizer steps per task (batch 4)")
 parser.add_argument("--eval-split", choices=("test", "dev"), default="test")
+parser.add_argument("--own-rows", action="store_true",
+                    help="train on aimmerging's own chat tokenisation (input_ids + completion_mask, target "
+                         "'answer<|im_end|>' without TRL's trailing newline): the README's gap experiment")
 args = parser.parse_args()
 options = dict(MERGING.get(args.method, {}))
 for pair in args.set:
@@ -52,6 +56,14 @@ def chat(examples, with_answer=True):
             row["completion"] = [{"role": "assistant", "content": e.output}]
         rows.append(row)
     return rows
+
+
+def own_rows(examples, name):
+    """aimmerging's chat rows as processed SFTTrainer rows (the loss on the answer tokens only)."""
+    from aimmerging.hf import tokenize_examples
+
+    return [{"input_ids": r["input_ids"], "completion_mask": [int(label != -100) for label in r["labels"]]}
+            for r in tokenize_examples(examples, tok, prompt_format="chat", task=name)]
 
 
 def eval_rows(examples):
@@ -72,8 +84,8 @@ if __name__ == "__main__":
     model, tok, _ = load_base_model("smollm2-135m")
     set_seed(args.seed)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM"))
-    tasks = [(name, Dataset.from_list(chat(generate(name, "train"))), eval_rows(generate(name, args.eval_split)))
-             for name in ("codes-a", "codes-b")]
+    train = (lambda name: own_rows(generate(name, "train"), name)) if args.own_rows else (lambda name: chat(generate(name, "train")))
+    tasks = [(name, Dataset.from_list(train(name)), eval_rows(generate(name, args.eval_split))) for name in ("codes-a", "codes-b")]
     result = train_stream(tasks, factory, model=model, tokenizer=tok, method=args.method, memory_ratio=10.0,
                           memory_batch_size=8, seed=args.seed, output_dir=args.output_dir, **options)
     print(f"method {args.method}, seed {args.seed}, {args.eval_split} split")
