@@ -245,14 +245,17 @@ def test_method_settings_are_declared_once_and_saved_flat():
 # -- fingerprint ------------------------------------------------------------------------------------
 
 def test_fingerprint_excludes_non_result_fields():
-    assert NON_RESULT_FIELDS == {"output_dir", "overwrite", "progress", "threads", "fwt_reference", "trust_remote_code"}
+    # fsdp: sharding the base changes where the weights live, not what a run computes (to float
+    # summation order, as the number of processes): a run may be resumed with or without it
+    assert NON_RESULT_FIELDS == {"output_dir", "overwrite", "progress", "threads", "fwt_reference", "trust_remote_code",
+                                 "fsdp"}
     fp = build_config().fingerprint()
     # eval_seed equal to the seed is left out: such a run computes what runs from before the option did
     assert set(fp) == set(FIELDS) - NON_RESULT_FIELDS - {"eval_seed"}
     assert set(build_config({"eval_seed": 7}).fingerprint()) == set(FIELDS) - NON_RESULT_FIELDS
     a = build_config({"output_dir": "runs/a", "overwrite": False, "progress": True, "threads": 1})
     b = build_config({"output_dir": "runs/b", "overwrite": True, "progress": False, "threads": 4,
-                      "fwt_reference": "runs/single"})
+                      "fwt_reference": "runs/single", "fsdp": True})
     assert a.fingerprint() == b.fingerprint()
     assert a.fingerprint_hash() == b.fingerprint_hash()
 

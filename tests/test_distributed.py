@@ -259,6 +259,66 @@ def test_a_config_error_stops_every_process(runs, data_dir, tmp_path):
     assert json.loads((runs["two"] / "results.json").read_text())["complete"] is True  # untouched
 
 
+# -- FSDP: the base sharded over the two processes, the adapter whole on each ------------------------
+@pytest.fixture(scope="module")
+def fsdp_run(runs, data_dir):
+    out = runs["root"] / "fsdp"
+    rc, out_text, err = _run2(tiny_args(out, data_dir, **RUN, fsdp=True), runs["root"] / "logs-fsdp",
+                              dump=runs["root"] / "dump-fsdp")
+    assert rc == 0, err[-3000:]
+    return {"run": out, "dump": runs["root"] / "dump-fsdp", "stderr": err}
+
+
+def _predictions(run: Path) -> dict[str, list[str]]:
+    return {p: [json.loads(x)["prediction"] for x in (run / p).read_text().splitlines()]
+            for p in sorted(p for p in _files(run) if "/predictions/" in p)}
+
+
+def test_fsdp_shards_the_base_and_reproduces_the_one_process_run(runs, fsdp_run):
+    """Under --fsdp every process holds a share of the base (DTensors) and the whole adapter: the
+    same merges, losses and L1 norms as one process on the same global batches, the same
+    adapters to float summation order, the same predictions; both ranks bit-identical."""
+    (meta0, tensors0), (meta1, tensors1) = _rank_dump(fsdp_run["dump"])
+    assert meta0["sharded_params"] > 0 and meta1["sharded_params"] == meta0["sharded_params"]
+    assert meta0["records"] == meta1["records"]
+    assert all(torch.equal(tensors0[k], tensors1[k]) for k in tensors0)
+    assert fsdp_run["stderr"].count("fsdp: the base model is sharded over 2 processes") == 1
+    one, two = runs["one"], fsdp_run["run"]
+    t1, t2 = _trace(one), _trace(two)
+    assert len(t1) == len(t2) and sum(r["event"] == "merge" for r in t2) >= 3
+    for a, b in zip(t1, t2):
+        assert {k: a.get(k) for k in DECISION_KEYS} == {k: b.get(k) for k in DECISION_KEYS}, (a, b)
+        assert all(_close(a[k], b[k]) for k in a), (a, b)
+    r1, r2 = (json.loads((run / "results.json").read_text()) for run in (one, two))
+    assert (r2["num_processes"], r2["fsdp"], r1["fsdp"]) == (2, True, False)
+    assert r1["accuracy_matrix"] == r2["accuracy_matrix"] and _predictions(one) == _predictions(two)
+    assert _files(one) == _files(two)
+    a1, a2 = stage_adapters(one), stage_adapters(two)
+    for stage in a1:
+        for k in a1[stage]:
+            assert torch.allclose(a1[stage][k], a2[stage][k], rtol=1e-3, atol=1e-5), (stage, k)
+
+
+def test_fsdp_resumes_a_killed_run_as_if_never_stopped(fsdp_run, data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(out, data_dir, **RUN, fsdp=True)
+    _run2(args, tmp_path / "logs-killed", kill_when=lambda: (out / "stages" / "00-dbpedia" / "scores.json").is_file())
+    assert not (out / "stages" / "02-agnews").exists()
+    rc, _, err = _run2(args, tmp_path / "logs-resumed")
+    assert rc == 0, err[-3000:]
+    assert err.count("stage 1/3: dbpedia already finished, skipped") == 1
+    assert _trace(out) == _trace(fsdp_run["run"])
+    a, b = stage_adapters(out), stage_adapters(fsdp_run["run"])
+    assert all(torch.equal(a[s][k], b[s][k]) for s in b for k in b[s])
+
+
+def test_fsdp_refuses_a_method_with_forward_passes_of_its_own(data_dir, tmp_path):
+    rc, _, err = _run2(tiny_args(tmp_path / "run", data_dir, method="lwf", fsdp=True), tmp_path / "logs", timeout=120)
+    assert rc not in (0, None)
+    assert err.count("aimmerging: error: fsdp: method lwf runs forward passes of its own") == 1
+    assert "src/aimmerging/" not in err  # no traceback from the workers (the launcher prints its own)
+
+
 def test_accelerate_cpu_launch_of_one_process_is_reported(monkeypatch, caplog):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
@@ -280,7 +340,7 @@ def test_sharded_parallelism_is_refused_and_cpu_processes_join_with_gloo(monkeyp
 
     from aimmerging.errors import ConfigError
 
-    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):  # FSDP runs through --fsdp, not accelerate's
         with pytest.raises(ConfigError, match="is not supported"):
             runner_module.check_data_parallel(SimpleNamespace(distributed_type=kind))
     for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):

@@ -7,6 +7,7 @@ Tests marked ``gpu`` need CUDA and are skipped without it; ``benchmarks/gpu_chec
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -198,11 +199,15 @@ def test_quantized_base_without_cuda_is_one_line(tmp_path, capsys, bits):
                    f"quantize: a {bits} base needs a CUDA GPU")
 
 
-def test_fsdp_request_is_one_line(tmp_path, capsys, monkeypatch):
-    """accelerate ignores an FSDP request on CPU processes (it would run DDP): refused, as FSDP is."""
+def test_fsdp_request_on_one_process_runs_unsharded_and_says_so(tmp_path, monkeypatch, caplog):
+    """An FSDP request (accelerate's launch variable, or --fsdp) on one process: nothing to shard;
+    the run goes on unsharded with one warning (tests/test_distributed.py shards two processes)."""
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     data = make_data(tmp_path / "data")
-    one_line_error(*run_cli(base_args(data, tmp_path / "out"), capsys), "FSDP is not supported")
+    with caplog.at_level(logging.WARNING, logger="aimmerging"):
+        assert main(base_args(data, tmp_path / "out")) == 0
+    assert caplog.text.count("fsdp: one process, nothing to shard") == 1
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["fsdp"] is False
 
 
 # -- the GPU check script --------------------------------------------------------------------------

@@ -33,7 +33,8 @@ from .models.loading import QUANTIZE
 from .settings import build, check_choices, coerce, int_limit, option, option_fields
 
 # Fields that do not change what a run computes: they may differ when a run is resumed.
-NON_RESULT_FIELDS = frozenset({"output_dir", "overwrite", "progress", "threads", "fwt_reference", "trust_remote_code"})
+NON_RESULT_FIELDS = frozenset({"output_dir", "overwrite", "progress", "threads", "fwt_reference", "trust_remote_code",
+                               "fsdp"})
 SEED_MAX = 2**32 - 1
 # Upper bounds of the options whose sane range is far below settings.INT_LIMIT (10**9, the bound
 # of every other integer option): each is refused with one line before anything is loaded.
@@ -125,6 +126,7 @@ class RunConfig:
     progress: bool = _f(True, "progress bars", "run")
     threads: Optional[int] = _f(None, "torch CPU threads (default: torch's choice)", "run", maximum=THREADS_MAX)
     mixed_precision: str = _f("no", "accelerate mixed precision", "run", ("no", "bf16", "fp16"))
+    fsdp: bool = _f(False, "several processes: shard the frozen base model over them (torch FSDP2; the LoRA adapter stays whole on each, so merges need no gather); also on when accelerate launches with FSDP", "run")
     # -- the chosen method's own settings (an instance of its Settings dataclass, or None) ---------
     settings: Any = field(default=None, repr=False)
 

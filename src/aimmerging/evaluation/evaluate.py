@@ -19,10 +19,11 @@ class TaskEvaluation:
 
 def evaluate_tasks(model, formatter: Formatter, data: dict[str, TaskData], tasks: list[str], *, batch_size: int,
                    max_new_tokens: int | None = None, accelerator=None, label: str = "",
-                   progress: bool = True, autocast_dtype=None) -> dict[str, TaskEvaluation]:
+                   progress: bool = True, autocast_dtype=None, deal_batches: bool = True) -> dict[str, TaskEvaluation]:
     """Score ``model`` on the evaluation split of each of ``tasks`` with the task's metric;
     ``max_new_tokens`` defaults to the task's longest training answer (EOS included);
-    ``autocast_dtype`` (e.g. ``torch.bfloat16``): generate under autocast to that dtype."""
+    ``autocast_dtype`` (e.g. ``torch.bfloat16``): generate under autocast to that dtype;
+    ``deal_batches``: see :func:`generate_predictions`."""
     out: dict[str, TaskEvaluation] = {}
     for task in tasks:
         d = data[task]
@@ -30,7 +31,8 @@ def evaluate_tasks(model, formatter: Formatter, data: dict[str, TaskData], tasks
         max_new = max_new_tokens or needed
         preds = generate_predictions(model, formatter, d.test, batch_size=batch_size, max_new_tokens=max_new,
                                      accelerator=accelerator, desc=f"{label} eval {task}", progress=progress,
-                                     autocast_dtype=autocast_dtype, first_pass_tokens=needed)
+                                     autocast_dtype=autocast_dtype, first_pass_tokens=needed,
+                                     deal_batches=deal_batches)
         scorer = SCORERS[d.metric]
         per = [scorer(p, e.output) for p, e in zip(preds, d.test)]
         rows = [{"id": e.id, "prompt": formatter.prompt_text(e), "gold": e.output, "prediction": p, "score": s}

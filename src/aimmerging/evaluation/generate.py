@@ -31,13 +31,16 @@ def half_precision_dtype(device) -> "torch.dtype":
 @torch.no_grad()
 def generate_predictions(model, formatter: Formatter, examples: Sequence[Example], *, batch_size: int,
                          max_new_tokens: int, accelerator=None, desc: str = "eval",
-                         progress: bool = True, autocast_dtype=None, first_pass_tokens: int | None = None) -> list[str]:
+                         progress: bool = True, autocast_dtype=None, first_pass_tokens: int | None = None,
+                         deal_batches: bool = True) -> list[str]:
     """One greedy prediction per example (stripped text), in the order of ``examples``.
 
     Under several processes whole batches are dealt out to the ranks and the predictions gathered,
     so every batch is exactly the batch one process would run: the scores do not depend on the
-    number of processes. ``autocast_dtype``: generate under ``torch.autocast`` to that dtype (the
-    weights keep theirs).
+    number of processes. ``deal_batches=False``: every process generates every batch instead (a
+    base sharded with FSDP needs every process in every forward pass); the predictions are the
+    same. ``autocast_dtype``: generate under ``torch.autocast`` to that dtype (the weights keep
+    theirs).
 
     ``first_pass_tokens`` (< ``max_new_tokens``): each batch first generates that many tokens;
     only its rows without EOS by then go on, as a smaller batch, from where they stopped, up to
@@ -46,10 +49,10 @@ def generate_predictions(model, formatter: Formatter, examples: Sequence[Example
     protocol's 128 new tokens against answers of a few tokens).
     """
     rank = accelerator.process_index if accelerator else 0
-    world = accelerator.num_processes if accelerator else 1
+    world = accelerator.num_processes if accelerator and deal_batches else 1
     device = accelerator.device if accelerator else next(model.parameters()).device
     batches = length_batches(formatter, examples, batch_size)
-    mine = batches[rank::world]
+    mine = batches[rank::world] if world > 1 else batches
     was_training = model.training
     model.eval()
     gen_config = copy.deepcopy(model.generation_config)

@@ -125,6 +125,9 @@ class Method:
     fresh_adapter_per_task: ClassVar[bool] = False  # start every task from the initial adapter (``single``)
     joint: ClassVar[bool] = False  # one stage on all tasks together (``mtl``)
     in_bench: ClassVar[bool] = True  # compared by ``aimmerging bench`` (reference runs such as ``single`` are not)
+    # runs forward passes of its own (``view.forward``: a teacher, a Fisher pass) on each process's
+    # share; not under --fsdp, where every forward pass needs every process (refused in one line)
+    own_forward_passes: ClassVar[bool] = False
     # the training forward also returns hidden states (``LossInputs.hidden``); may be switched per
     # stage in ``before_task`` (an instance attribute)
     training_hidden_states: bool = False

@@ -83,6 +83,7 @@ def _world_size() -> int:
 @register_method
 class EWC(Method):
     name = "ewc"
+    own_forward_passes = True
     paper = "EWC: Elastic Weight Consolidation (Kirkpatrick et al., PNAS 2017)"
     summary = ("quadratic penalty lambda/2 sum F (theta - theta*)^2 towards earlier tasks' adapters, diagonal "
                "Fisher from each task's training examples (--ewc-online: one decayed Fisher)")

@@ -94,6 +94,7 @@ def consistency_mse(fast: list[tuple[tuple, torch.Tensor]], slow: list[tuple[tup
 @register_method
 class ILoRA(Method):
     name = "ilora"
+    own_forward_passes = True
     paper = "I-LoRA: Interpolation-based LoRA (Ren et al. 2024, arXiv 2402.18865)"
     summary = ("replay into a fast adapter; a slow EMA adapter (evaluated, carried on) anchors it through a "
                "hidden-state consistency loss on replay examples")

@@ -68,6 +68,7 @@ class LwFSettings(Bounded):
 @register_method
 class LwF(Method):
     name = "lwf"
+    own_forward_passes = True
     paper = "LwF: Learning without Forgetting (Li & Hoiem, TPAMI 2017)"
     summary = ("from task 2 on, distils the previous task's adapter's answer-token distributions on the "
                "current inputs (KL at --lwf-temperature, weight --lwf-alpha)")

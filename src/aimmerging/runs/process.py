@@ -1,4 +1,5 @@
-"""Process set-up for a run: one process, or data-parallel processes through accelerate (DDP).
+"""Process set-up for a run: one process, or data-parallel processes through accelerate (DDP), or
+processes that shard the base model (FSDP2, ``--fsdp``: see ``models.sharding``).
 
 Several processes (``accelerate launch --multi_gpu --num_processes N -m aimmerging run ...``, or
 ``torchrun``): every process runs the same code on the same global example lists; the engine
@@ -8,7 +9,8 @@ without GPU the processes run on CPU with gloo.
 
 Debugging hook, off by default: with ``AIMMERGING_RANK_DUMP=DIR`` in the environment every
 process writes, at the end of the run, ``DIR/rank<N>.safetensors`` (its LoRA tensors by
-parameter name) and ``DIR/rank<N>.json`` (``{"rank", "num_processes", "records"}``: the trace
+parameter name) and ``DIR/rank<N>.json`` (``{"rank", "num_processes", "sharded_params", "records"}``:
+the number of its parameters that FSDP sharded (DTensors), and the trace
 records it emitted in this invocation, merges included; stages skipped on resume emit none), so
 tests can check that all processes took the same decisions and hold the same adapter.
 """
@@ -52,24 +54,29 @@ def _warn_single_cpu_process(num_processes: int) -> None:
                     "(add ACCELERATE_USE_CPU=1 where there is one) or `torchrun --nproc_per_node N -m aimmerging run ...`")
 
 
+def fsdp_requested(flag: bool = False) -> bool:
+    """Whether the run is to shard its base model (FSDP): ``--fsdp``, or an accelerate launch that
+    asks for FSDP (``accelerate launch --use_fsdp`` or an FSDP config file set
+    ``ACCELERATE_USE_FSDP=true``)."""
+    return flag or os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("1", "true", "yes")
+
+
 def check_data_parallel(accelerator) -> None:
-    """Only one process or data-parallel processes (DDP) are supported. Under FSDP/DeepSpeed the
-    LoRA matrices are sharded outside forward/backward (and accelerate wants the optimizers
-    prepared with the model), which the merge arithmetic, the controller's L1 norm, adapter
-    loading and saving, and sharded evaluation do not handle: stop at once rather than deadlock
-    or diverge. On CPU processes accelerate does not refuse FSDP: it ignores the request
-    (``ACCELERATE_USE_FSDP=true``, what ``accelerate launch --use_fsdp`` sets) and runs DDP
-    (accelerate 1.16 turns on FSDP for GPU-like devices only), so the request itself is refused."""
+    """Processes that accelerate itself would shard are refused: DeepSpeed and Megatron-LM, whose
+    sharding of the LoRA tensors outside forward and backward the merge arithmetic, the
+    controller's L1 norm, adapter loading and saving do not handle (stop at once rather than
+    deadlock or diverge), and accelerate's own FSDP (an Accelerator made before the run's, with
+    FSDP on). FSDP runs through :func:`make_accelerator` ``(fsdp=True)``: accelerate sets up the
+    processes as for DDP and the run shards the base model itself (``models.sharding``)."""
     from accelerate.utils import DistributedType
 
-    kinds = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed",
+    kinds = {DistributedType.FSDP: "accelerate's own FSDP", DistributedType.DEEPSPEED: "DeepSpeed",
              DistributedType.MEGATRON_LM: "Megatron-LM"}
     name = kinds.get(accelerator.distributed_type)
-    if name is None and os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("1", "true", "yes"):
-        name = "FSDP"
     if name:
-        raise ConfigError(f"{name} is not supported: aimmerging runs one process or data-parallel processes (DDP); "
-                          "launch with e.g. `accelerate launch --config_file configs/accelerate/ddp.yaml -m aimmerging run ...`")
+        raise ConfigError(f"{name} is not supported: aimmerging runs one process, data-parallel processes (DDP) or "
+                          "FSDP over its base model (--fsdp); launch with e.g. "
+                          "`accelerate launch --config_file configs/accelerate/ddp.yaml -m aimmerging run ... [--fsdp]`")
 
 
 def bf16_pays() -> bool:
@@ -83,14 +90,22 @@ def bf16_pays() -> bool:
     return any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
-def make_accelerator(mixed_precision: str = "no"):
-    """The run's Accelerator: DDP on several processes (gloo on CPU), one process otherwise."""
+def make_accelerator(mixed_precision: str = "no", fsdp: bool = False):
+    """The run's Accelerator: data-parallel processes (gloo on CPU), or one process. ``fsdp``: the
+    run shards its base model itself (``models.sharding``): accelerate is made to set up the
+    processes as for DDP (an FSDP request in the environment is hidden from it while it starts;
+    accelerate 1.16 would anyway ignore it on CPU processes and run DDP)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    # The models' buffers (rotary tables) never change: no need to broadcast them every forward.
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=_cpu_processes(),
-                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    hidden = os.environ.pop("ACCELERATE_USE_FSDP", None) if fsdp else None
+    try:
+        # The models' buffers (rotary tables) never change: no need to broadcast them every forward.
+        accelerator = Accelerator(mixed_precision=mixed_precision, cpu=_cpu_processes(),
+                                  kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    finally:
+        if hidden is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = hidden
     check_data_parallel(accelerator)
     _warn_single_cpu_process(accelerator.num_processes)
     return accelerator

@@ -34,10 +34,12 @@ from ..io import atomic_write_json, read_jsonl
 from ..methods.base import Method
 from ..models.loading import enable_gradient_checkpointing, load_base_model, model_kind
 from ..models.lora import attach_lora, load_adapter_weights, lora_parameters, restore, snapshot
+from ..models.sharding import shard_base
 from ..training.engine import Engine, Timers
 from ..training.loop import TrainSettings, train_stage
 from ..training.stages import Stage, plan_stages, stage_dirname
-from .process import RANK_DUMP_ENV, main_decides, make_accelerator, peak_rss_mb, stage_memory, start_stage_memory
+from .process import (RANK_DUMP_ENV, fsdp_requested, main_decides, make_accelerator, peak_rss_mb, stage_memory,
+                      start_stage_memory)
 from .results import RunResult, build_results, load_reference
 from .layout import ZERO_SHOT, stage_trace
 from .rundir import RunDirectory
@@ -80,9 +82,10 @@ class Built:
 
 
 def build_engine(cfg: RunConfig, accelerator, model: Any = None, *, full_logits: bool = False,
-                 rank_multiplier: int = 1) -> Built:
+                 rank_multiplier: int = 1, shard: bool = False) -> Built:
     """Load the base model (or take ``(model, tokenizer)``), attach LoRA with the run seed, prepare
-    it with accelerate and wrap it in an :class:`Engine`."""
+    it with accelerate (``shard``: shard its base over the processes with FSDP2 instead, see
+    ``models.sharding``) and wrap it in an :class:`Engine`."""
     from accelerate.utils import set_seed
 
     if model is None:
@@ -105,9 +108,16 @@ def build_engine(cfg: RunConfig, accelerator, model: Any = None, *, full_logits:
     peft_model = attach_lora(base, kind, cfg.lora_r * rank_multiplier, cfg.lora_alpha * rank_multiplier,
                              cfg.lora_dropout, cfg.lora_targets)
     initial = snapshot(lora_parameters(peft_model))
-    prepared = accelerator.prepare(peft_model)
+    if shard:
+        blocks = shard_base(peft_model, accelerator.device)
+        if accelerator.is_main_process:
+            log.info("fsdp: the base model is sharded over %d processes (%d blocks and the root, FSDP2); the LoRA "
+                     "adapter is whole on each", accelerator.num_processes, blocks)
+        prepared = peft_model
+    else:
+        prepared = accelerator.prepare(peft_model)
     engine = Engine(prepared, formatter, accelerator, micro_batch_size=cfg.micro_batch_size,
-                    max_grad_norm=cfg.max_grad_norm, full_logits=full_logits)
+                    max_grad_norm=cfg.max_grad_norm, full_logits=full_logits, sharded=shard)
     return Built(engine, formatter, initial)
 
 
@@ -124,11 +134,13 @@ class Runner:
     def __init__(self, cfg: RunConfig, *, stream: TaskStream | None = None, model: Any = None,
                  method: Method | None = None, run_dir: RunDirectory | None = None):
         self.cfg = cfg
-        self.accelerator = make_accelerator(cfg.mixed_precision)
+        self.sharded = fsdp_requested(cfg.fsdp)
+        self.accelerator = make_accelerator(cfg.mixed_precision, fsdp=self.sharded)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.is_main = self.accelerator.is_main_process
         self.method = method or cfg.make_method()
+        self._check_sharding()
         self.stream = stream or stream_from_config(cfg)
         self.tasks = self.stream.tasks
         self.data = prepare_tasks(self.stream, seed=cfg.seed, eval_seed=cfg.eval_seed, train_cap=cfg.train_cap, eval_cap=cfg.eval_cap,
@@ -152,6 +164,22 @@ class Runner:
         self.run_dir = run_dir
         self.records: list[dict] = []  # every trace record emitted by this process in this invocation
         self.timers_total: dict[str, float] = {}
+
+    def _check_sharding(self) -> None:
+        """FSDP: refused in one line for what it cannot run; on one process nothing is sharded."""
+        if not self.sharded:
+            return
+        if self.accelerator.num_processes == 1:
+            if self.is_main:
+                log.warning("fsdp: one process, nothing to shard: the run goes on unsharded (launch several "
+                            "processes, e.g. `accelerate launch --num_processes 2 -m aimmerging run ... --fsdp`)")
+            self.sharded = False
+            return
+        if self.method.own_forward_passes:
+            raise ConfigError(f"fsdp: method {self.method.name} runs forward passes of its own on each process's share, "
+                              "which a sharded base cannot serve; run it without --fsdp (DDP)")
+        if self.cfg.quantize != "no":
+            raise ConfigError("fsdp: a quantized base (--quantize) is not sharded; run it without --fsdp")
 
     def _log_validation_sources(self) -> None:
         by_source: dict[str, list[str]] = {}
@@ -221,7 +249,7 @@ class Runner:
             evals = evaluate_tasks(self.engine.peft_model, self.built.formatter, self.data, stage.eval_tasks,
                                    batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
                                    accelerator=acc, label=f"[{stage.index + 1}]", progress=cfg.progress,
-                                   autocast_dtype=self._eval_autocast())
+                                   autocast_dtype=self._eval_autocast(), deal_batches=not self.sharded)
         use = stage_use_scores(evals, self.data, cfg.scoring)
         record = {"index": stage.index, "name": stage.name, "row": stage.row,
                   "scores": {t: e.score for t, e in evals.items()}, **({"use_scores": use} if use else {}), **report,
@@ -244,7 +272,7 @@ class Runner:
         evals = evaluate_tasks(self.engine.peft_model, self.built.formatter, self.data, self.tasks,
                                batch_size=self.cfg.eval_batch_size, max_new_tokens=self.cfg.max_new_tokens,
                                accelerator=self.accelerator, label="[zero-shot]", progress=self.cfg.progress,
-                               autocast_dtype=self._eval_autocast())
+                               autocast_dtype=self._eval_autocast(), deal_batches=not self.sharded)
         scores = {t: e.score for t, e in evals.items()}
         if self.run_dir is not None and self.is_main:
             self.run_dir.commit_stage(ZERO_SHOT, {"scores": scores}, {t: e.rows for t, e in evals.items()})
@@ -302,7 +330,7 @@ class Runner:
             if not replace:  # what an earlier invocation left: checked before anything is built
                 self._finished = main_decides(acc, self._verified_stages)
                 previous = main_decides(acc, rd.previous_results)
-        self.built = build_engine(cfg, acc, self.model,
+        self.built = build_engine(cfg, acc, self.model, shard=self.sharded,
                                   rank_multiplier=self.method.adapter_rank_multiplier(len(self.tasks)))
         self.engine = self.built.engine
         if rd is not None and self.is_main:
@@ -348,6 +376,7 @@ class Runner:
         if cuda:  # the stages trained now or earlier on CUDA (torch's allocations, this process)
             results["peak_cuda_mb"] = max(cuda)
         results["num_processes"] = self.accelerator.num_processes
+        results["fsdp"] = self.sharded
         if self.run_dir is not None and self.is_main:
             self.run_dir.write_results(results, [stage_dirname(r["index"], r["name"]) for r in records], complete)
         return results
@@ -361,8 +390,11 @@ class Runner:
         tensors = {n: p.detach().cpu().contiguous() for n, p in self.engine.peft_model.named_parameters() if "lora_" in n}
         out.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(out / f"rank{rank}.safetensors"))
+        from torch.distributed.tensor import DTensor
+
+        sharded = sum(isinstance(p, DTensor) for p in self.engine.peft_model.parameters())
         atomic_write_json(out / f"rank{rank}.json", {"rank": rank, "num_processes": self.accelerator.num_processes,
-                                                      "records": self.records})
+                                                      "sharded_params": sharded, "records": self.records})
 
 
 def run_config(cfg: RunConfig, *, run_dir: RunDirectory | None = None, keep_lock: bool = False, **kwargs) -> RunResult:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ..data.formatting import IGNORE_INDEX, Formatter
 from ..data.olora import Example
+from ..errors import ConfigError
 from ..methods.base import ForwardOutput, LossInputs
 from ..models.lora import lora_parameters
 
@@ -223,8 +224,11 @@ class Timers:
 
 class Engine:
     def __init__(self, model, formatter: Formatter, accelerator, *, micro_batch_size: int, max_grad_norm: float,
-                 full_logits: bool = False):
-        self.model = model  # as prepared by accelerate (DDP-wrapped under several processes)
+                 full_logits: bool = False, sharded: bool = False):
+        # as prepared by accelerate (DDP-wrapped under several processes), or the PEFT model whose
+        # base ``models.sharding`` sharded (``sharded``: the engine averages the gradients itself)
+        self.model = model
+        self.sharded = sharded
         self.peft_model = accelerator.unwrap_model(model)
         self.formatter = formatter
         self.accelerator = accelerator
@@ -298,7 +302,11 @@ class Engine:
         """A method's own forward pass (``TrainingView.forward``) on this process: ``examples``
         collated as one batch (``rows``: only those rows of it), through the PEFT model (not the
         DDP wrapper: no collectives), under the run's autocast, dropout on only in ``train_mode``
-        (the previous mode is restored), with gradients only when ``grad``."""
+        (the previous mode is restored), with gradients only when ``grad``. Not on a sharded base,
+        whose every forward pass needs every process (methods that use it are refused under --fsdp)."""
+        if self.sharded and self.accelerator.num_processes > 1:
+            raise ConfigError("fsdp: the method runs forward passes of its own (view.forward), which a sharded base "
+                              "cannot serve; run it without --fsdp (DDP)")
         was_training = self.peft_model.training
         self.peft_model.train(train_mode)
         try:
@@ -335,7 +343,8 @@ class Engine:
         the answer tokens of ``examples``), plus ``scale`` x the method's ``extra_loss`` term when
         given. Returns this process's summed answer loss (not reduced)."""
         total = total_tokens or self.label_tokens(examples)
-        ctx = nullcontext() if sync or self.accelerator.num_processes == 1 else self.accelerator.no_sync(self.model)
+        solo = sync or self.accelerator.num_processes == 1 or self.sharded
+        ctx = nullcontext() if solo else self.accelerator.no_sync(self.model)
         with ctx:
             mine, masked = self._shard(examples)
             loss_sum, logits, labels, hidden = self._local_forward(mine, masked=masked,
@@ -347,7 +356,26 @@ class Engine:
                 if term is not None:
                     loss = loss + scale * term
             self.accelerator.backward(loss)
+        if sync and self.sharded and self.accelerator.num_processes > 1:
+            self._average_gradients()
         return float(loss_sum.detach())
+
+    @torch.no_grad()
+    def _average_gradients(self) -> None:
+        """The mean over the processes of the LoRA gradients accumulated since the last step, as DDP
+        gives it: one all-reduce of all of them flattened into one buffer (the sharded base holds no
+        gradient: it is frozen)."""
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.accelerator.num_processes
+        offset = 0
+        for p, g in zip(self.params, grads):
+            n = g.numel()
+            p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+            offset += n
 
     @torch.no_grad()
     def mean_loss(self, examples: Sequence[Example], train_mode: bool, chunk: int | None = None) -> float:
