@@ -156,3 +156,38 @@ def test_a_new_session_continues_the_study_from_the_archive(tmp_path: Path, monk
     with pytest.raises(ConfigError, match=r"archived with other options \(lr\)"):
         study_mod.run_study(config, tmp_path / "other", orders=[1], isolate=False, progress=False, archive=archive)
     assert ran == ["seq"]
+
+
+def test_a_variant_study_is_reported_beside_the_main_archive(study: Path, tmp_path: Path, capsys):
+    """The probe study (benchmarks/probe_study.py): variants' runs archived apart, reported with the
+    main study's runs of the same cells (``--archive A,B``) and compared from the variant
+    (``--reference``); a run in both archives, or an unknown reference, is refused in one line."""
+    main_archive, variant_archive = tmp_path / "main-archive", tmp_path / "variant-archive"
+    archive_study(study, main_archive)
+    rng = np.random.default_rng(9)
+    variants = tmp_path / "probe-study"
+    for seed in (42, 43):
+        for order in (1, 2):
+            order_tasks = ["a", "b"] if order == 1 else ["b", "a"]
+            final = {t: (rng.random(20) < 0.8).astype(float).tolist() for t in order_tasks}
+            write_run(variants / f"o{order}-s{seed}" / "aimmerging-clean", order_tasks,
+                      seq_rows(order_tasks, final, final))
+    archive_study(variants, variant_archive)
+    both = f"{main_archive},{variant_archive}"
+    report = build_study_report(tmp_path / "clone" / "runs" / "probe-study", B=200, archive=both,
+                                reference="aimmerging-clean", primary=["aimmerging", "replay"])
+    assert report["reference"] == "aimmerging-clean"
+    assert set(report["methods"]) == {*METHODS, "aimmerging-clean"}
+    assert set(report["differences"]) == {"seq", "aimmerging", "replay"}
+    assert report["differences"]["aimmerging"]["op"]["cells"] == 4
+    out = tmp_path / "clone" / "report"
+    assert main(["bench", "report", "--output-dir", str(out), "--archive", both, "--reference", "aimmerging-clean",
+                 "--primary", "aimmerging"]) == 0
+    assert "--reference aimmerging-clean" in (out / "report.md").read_text()
+
+    capsys.readouterr()
+    assert main(["bench", "report", "--output-dir", str(out), "--archive", both, "--reference", "nosuch"]) == 2
+    assert capsys.readouterr().err.startswith("aimmerging: error: --reference: nosuch is not a method of the study")
+    shutil.copytree(variant_archive / "o1-s42", main_archive / "o1-s42", dirs_exist_ok=True)
+    assert main(["bench", "report", "--output-dir", str(out), "--archive", both]) == 2
+    assert "the same run (o1-s42/aimmerging-clean) in two archives" in capsys.readouterr().err

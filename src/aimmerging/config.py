@@ -46,6 +46,11 @@ THREADS_MAX = 4096
 LR_MAX = 10.0  # AdamW learning rates are far below 1; a larger one only overflows the weights
 
 
+# Options added after runs were made, with the value that computes what earlier versions computed:
+# at that value they are left out of a run's fingerprint, so runs from before them still resume.
+ADDED_LATER = {"probe_size": None, "probe_set": "random", "probe_average": 1}
+
+
 def _f(default, help: str, group: str, choices: tuple | None = None, maximum: int | None = None):
     return option(default, help, choices, group=group, maximum=maximum)
 
@@ -215,6 +220,10 @@ def result_options(options: dict[str, Any]) -> dict[str, Any]:
     # (for weighted-sum, the default; DARE's masks are seeded per tensor and merge since then)
     if "fusion_params" in out and not out["fusion_params"]:
         del out["fusion_params"]
+    # options added later, at the value that computes what the versions before them computed
+    for key, neutral in ADDED_LATER.items():
+        if key in out and out[key] == neutral:
+            del out[key]
     for key in ("data_dir", "data"):
         if out.get(key):
             out[key] = os.path.normpath(out[key])

@@ -134,7 +134,7 @@ def _run_module(args: list[str], log_hint: str, isolate: bool) -> None:
                         "options to resume")
 
 
-def _share_stages(src: Path, method_cfg: dict, method_dir: Path, count: int = 1) -> int:
+def share_stages(src: Path, method_cfg: dict, method_dir: Path, count: int = 1) -> int:
     """Copy the finished stages 0 .. count-1 of the run in ``src`` into the run directory of
     ``method_cfg`` (created if needed) where it lacks them; the caller knows they compute the same.
     Returns how many were copied."""
@@ -183,7 +183,7 @@ def _shared_prefix(method: str, cfg: dict, out: Path, siblings: list[Path]) -> N
         k = 0
         while k < min(len(tasks), len(other_tasks)) - 1 and tasks[k] == other_tasks[k]:
             k += 1
-        if k and _share_stages(src, cfg, out / method, k):
+        if k and share_stages(src, cfg, out / method, k):
             log.info("bench: %s shares its first %d stage(s) with %s", method, k, src)
 
 
@@ -254,7 +254,7 @@ def run_bench(config: str | Path, output_dir: str | Path, quick: bool = False, o
             continue
         _shared_prefix(method, cfg, out, siblings or [])
         if method != "seq" and shares_first_stage(method, bench["run"]):
-            _share_stages(out / "seq", cfg, out / method)
+            share_stages(out / "seq", cfg, out / method)
         cfg_path = out / "configs" / f"{method}.yaml"
         atomic_write_yaml(cfg_path, cfg)
         log.info("bench: %s", method)

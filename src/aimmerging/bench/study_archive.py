@@ -241,6 +241,19 @@ def read_archive(archive_dir: str | os.PathLike) -> dict[tuple[str, str], tuple[
     return out
 
 
+def read_archives(archive: str | os.PathLike) -> dict[tuple[str, str], tuple[dict, Path]]:
+    """:func:`read_archive` of one directory, or of several given comma-separated (a report over
+    the runs of two studies, e.g. the probe study beside the main one); a run archived in two of
+    them is refused (StudyDataError)."""
+    out: dict[tuple[str, str], tuple[dict, Path]] = {}
+    for part in str(archive).split(","):
+        for key, entry in read_archive(part.strip()).items():
+            if key in out:
+                raise StudyDataError(f"{entry[1]} and {out[key][1]}: the same run ({key[0]}/{key[1]}) in two archives")
+            out[key] = entry
+    return out
+
+
 def option_differences(record: dict, options: dict) -> list[str]:
     """The options in which an archived run differs from a run with the config ``options`` ([]:
     it computed what that run would). Only the options both know are compared: one added since the

@@ -29,7 +29,7 @@ from ..evaluation.bootstrap import MARGIN, METRICS, bootstrap_study
 from ..io import atomic_write_json, atomic_write_text
 from ..runs.layout import is_run_dir
 from ..runs.results import fmt_number
-from .study_archive import (CELL_DIR, StudyDataError, bench_methods, differs, id_problem, read_archive, record_rows,
+from .study_archive import (CELL_DIR, StudyDataError, bench_methods, differs, id_problem, read_archives, record_rows,
                             run_record, run_status, single_scores)
 
 LABELS = {"op": "OP", "bwt": "BWT", "fwt": "FWT"}
@@ -47,7 +47,7 @@ class _Runs:
 
     def __init__(self, study: Path, archive: Optional[str | os.PathLike]):
         self.study = study
-        self.archived = read_archive(archive) if archive is not None else {}
+        self.archived = read_archives(archive) if archive is not None else {}
         self.conflicts: list[str] = []
 
     def load(self, run_dir: Path, cell: str, method: str) -> tuple[Optional[dict], Optional[dict], str, Any]:
@@ -196,6 +196,10 @@ def build_study_report(study_dir: str | os.PathLike, reference: str = "aimmergin
         cells = ", ".join(study["cells"]) or "no o<order>-s<seed> directory"
         raise UserError(f"{study_dir}: no finished run yet ({cells}); run the study first, "
                         "or wait for a run to complete")
+    # the default reference may not have finished a run yet (the report covers the others); a variant
+    # named as the reference (--reference) must be there
+    if reference not in study["methods"] and reference != "aimmerging":
+        raise UserError(f"--reference: {reference} is not a method of the study (methods: {', '.join(study['methods'])})")
     unknown = [m for m in primary or [] if m not in study["methods"] or m == reference]
     if unknown:
         raise UserError(f"--primary: {', '.join(unknown)} is not a method of the study other than {reference} "

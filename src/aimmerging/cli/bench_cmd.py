@@ -41,7 +41,11 @@ def register(sub, argv=None) -> None:
                    help="a study's equivalence margin (two one-sided tests) for the verdict 'equivalent' (default: 0.02)")
     b.add_argument("--archive", default=None, metavar="DIR",
                    help="a study's archive of finished runs (e.g. benchmarks/results/study, committed to git): "
-                        "the study skips archived runs and archives each run it finishes; the report reads it too")
+                        "the study skips archived runs and archives each run it finishes; the report reads it too "
+                        "(bench report: several, comma-separated)")
+    b.add_argument("--reference", default=None,
+                   help="bench report: the method every other is compared with (default: aimmerging), e.g. a "
+                        "variant's run directory name")
     b.add_argument("--to", default=None, metavar="DIR", help="bench archive: the archive directory to write")
     b.set_defaults(func=cmd_bench)
 
@@ -89,15 +93,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"Archived {len(done['written']) + len(done['unchanged'])} finished run(s) of {out} in {args.to}: "
               f"{len(done['written'])} new, {len(done['unchanged'])} already there; {done['unfinished']} not finished")
         return 0
+    if args.reference is not None and args.action != "report":
+        raise ConfigError("--reference: only for 'bench report'")
     if args.action == "report":
         from ..bench.study_report import study_markdown, write_study_report
 
         out = args.output_dir or "runs/study"
         flags = "".join([f" --primary {','.join(comparisons['primary'])}" if "primary" in comparisons else "",
                          f" --equivalence-margin {comparisons['margin']:g}" if "margin" in comparisons else "",
-                         f" --archive {args.archive}" if args.archive is not None else ""])
+                         f" --archive {args.archive}" if args.archive is not None else "",
+                         f" --reference {args.reference}" if args.reference is not None else ""])
         report = write_study_report(out, command=f"aimmerging bench report --output-dir {out}{flags}",
-                                    archive=args.archive, **comparisons)
+                                    archive=args.archive, reference=args.reference or "aimmerging", **comparisons)
         print(study_markdown(report))
         print(f"Report: {out}/report.md, {out}/report.json, {out}/report.png")
         return 0

@@ -3,7 +3,10 @@ ablations, one class driven by the merge controller.
 
 For every task after the first (the first has no memory and trains plainly), after each inner step:
 
-1. history loss: the loss on a random memory batch, no gradients (the forgetting probe);
+1. history loss: the loss on a random memory batch, no gradients (the forgetting probe; options,
+   all off by default: ``--probe-size`` examples instead of a memory batch, ``--probe-set window``
+   one batch per merge window instead of a fresh one per step, ``--probe-average N`` the mean of
+   the window's last N losses: the lower-noise variants of BENCHMARKS.md's probe study);
 2. Delta_in L1: sum |theta - theta_anchor| (the adapter's move since the last merge);
 3. the controller decides; on a merge: theta_k <- theta; ``outer_steps`` replay steps on memory
    batches; theta <- fusion(anchor, [theta_k - anchor, theta - theta_k], [w_in, w_out]); anchor <- theta.
@@ -48,6 +51,7 @@ from .base import Method
 
 OUTER_WARMUP_STEPS, OUTER_SCHEDULE_STEPS = 50, 200  # the separate replay optimizer's linear schedule
 OUTER_OPTIMIZERS = ("inner", "separate")
+PROBE_SETS = ("random", "window")
 OUTER_OPTIMIZER_HELP = ("replay steps use the task's optimizer at its current LR (reference) or a separate AdamW; "
                         "merge-end's default is 'separate' (its replay phase comes at the task end, where the task's "
                         "LR has reached 0)")
@@ -58,6 +62,13 @@ class MergingSettings(ControllerConfig):
     """The controller's settings plus how the probe, the replay steps and the fusion run."""
 
     probe_mode: str = option("train", "forgetting probe: 'train' (reference: dropout on, loss / accumulation) or 'eval'", ("train", "eval"))
+    probe_size: Optional[int] = option(None, "examples per forgetting probe (default: --memory-batch-size; the "
+                                       "reference probes with its training batch, 32 examples)", gt=0)
+    probe_set: str = option("random", "forgetting probe examples: a fresh random memory batch at every step "
+                            "(reference), or one batch per merge window, the same at every step until the next "
+                            "merge (the loss then moves with the adapter only)", PROBE_SETS)
+    probe_average: int = option(1, "feed the controller the mean of the window's last N history losses (1: each "
+                                "step's own, reference; larger: less noise, slower to react)", ge=1)
     outer_optimizer: str = option("inner", OUTER_OPTIMIZER_HELP, OUTER_OPTIMIZERS)
     outer_lr: float = option(1e-3, "learning rate of the separate replay optimizer (--outer-optimizer separate)",
                              gt=0)
@@ -153,12 +164,21 @@ class Merging(Method):
             self.hooks = [opt.register_step_post_hook(hook) for opt in optimizers]
         with view.timed("bookkeeping"):
             self.anchor = snapshot(view.params)
+        self.probe_batch, self.recent = None, []  # the window's probe batch and history losses (options)
         view.emit({"event": "task_start", "step": 0, "memory_size": len(view.memory), "controller": config.to_dict()})
 
     def probe(self, view) -> float:
-        """History loss on a random memory batch, no gradients. Reference mode: train mode (dropout
-        on) and the loss divided by the accumulation steps; eval mode: the plain loss."""
-        batch = view.memory.sample(view.rng("probe"), view.memory_batch_size)
+        """History loss on a memory batch of ``probe_size`` examples, no gradients: a fresh random
+        one every step, or (``probe_set: window``) the one drawn at the first step of the merge
+        window. Reference mode: train mode (dropout on) and the loss divided by the accumulation
+        steps; eval mode: the plain loss."""
+        size = self.settings.probe_size or view.memory_batch_size
+        if self.settings.probe_set == "window":
+            if self.probe_batch is None:
+                self.probe_batch = view.memory.sample(view.rng("probe"), size)
+            batch = self.probe_batch
+        else:
+            batch = view.memory.sample(view.rng("probe"), size)
         if self.settings.probe_mode == "train":
             return view.mean_loss(batch, train_mode=True) / view.grad_accum
         return view.mean_loss(batch, train_mode=False)
@@ -183,13 +203,24 @@ class Merging(Method):
             with view.timed("probe"):
                 h = self.probe(view)
             if math.isfinite(h):
-                record["history_loss"] = h
+                record["history_loss"] = self.smoothed(h, record)
             else:
                 record["history_loss"] = None
                 record["probe_skipped"] = "non-finite history loss"
         with view.timed("bookkeeping"):
             decision = controller_step(c, view.params, self.anchor, view.step, record)
         return [self.merge(view, decision)] if decision else None
+
+    def smoothed(self, h: float, record: dict) -> float:
+        """The history loss fed to the controller: ``h``, or (``probe_average`` N > 1) the mean of
+        the window's last N probe losses, ``h`` included (the step record keeps ``h`` as
+        ``probe_loss``; ``history_loss`` is what the controller saw, so a trace replays)."""
+        n = self.settings.probe_average
+        if n == 1:
+            return h
+        self.recent = (self.recent + [h])[-n:]
+        record["probe_loss"] = h
+        return sum(self.recent) / len(self.recent)
 
     def after_task(self, view):
         if not self.active:
@@ -218,6 +249,7 @@ class Merging(Method):
             fallback = fuse_or_fall_back(view.params, self.anchor, theta_k, d, rule, self.settings.fusion_params,
                                          state=state, salt=salt)
             self.anchor = snapshot(view.params)
+        self.probe_batch, self.recent = None, []  # a new merge window
         return merge_record(d, losses, fallback)
 
 
