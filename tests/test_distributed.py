@@ -280,6 +280,10 @@ def test_fsdp_shards_the_base_and_reproduces_the_one_process_run(runs, fsdp_run)
     adapters to float summation order, the same predictions; both ranks bit-identical."""
     (meta0, tensors0), (meta1, tensors1) = _rank_dump(fsdp_run["dump"])
     assert meta0["sharded_params"] > 0 and meta1["sharded_params"] == meta0["sharded_params"]
+    # each holds about half of the base (FSDP pads a shard to an even split) and all of the adapter
+    lora_bytes = sum(t.nbytes for t in tensors0.values())
+    full = meta0["full_param_bytes"]
+    assert all(abs(m["param_bytes"] - lora_bytes - (full - lora_bytes) / 2) < 0.02 * full for m in (meta0, meta1))
     assert meta0["records"] == meta1["records"]
     assert all(torch.equal(tensors0[k], tensors1[k]) for k in tensors0)
     assert fsdp_run["stderr"].count("fsdp: the base model is sharded over 2 processes") == 1

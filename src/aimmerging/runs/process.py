@@ -9,8 +9,9 @@ without GPU the processes run on CPU with gloo.
 
 Debugging hook, off by default: with ``AIMMERGING_RANK_DUMP=DIR`` in the environment every
 process writes, at the end of the run, ``DIR/rank<N>.safetensors`` (its LoRA tensors by
-parameter name) and ``DIR/rank<N>.json`` (``{"rank", "num_processes", "sharded_params", "records"}``:
-the number of its parameters that FSDP sharded (DTensors), and the trace
+parameter name) and ``DIR/rank<N>.json`` (``{"rank", "num_processes", "sharded_params", "param_bytes",
+"full_param_bytes", "records"}``: the number of its parameters that FSDP sharded (DTensors), the
+bytes of parameters it holds and those of the whole model, and the trace
 records it emitted in this invocation, merges included; stages skipped on resume emit none), so
 tests can check that all processes took the same decisions and hold the same adapter.
 """

@@ -392,9 +392,13 @@ class Runner:
         save_file(tensors, str(out / f"rank{rank}.safetensors"))
         from torch.distributed.tensor import DTensor
 
-        sharded = sum(isinstance(p, DTensor) for p in self.engine.peft_model.parameters())
+        params = list(self.engine.peft_model.parameters())
+        sharded = [p for p in params if isinstance(p, DTensor)]
+        held = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in params)
         atomic_write_json(out / f"rank{rank}.json", {"rank": rank, "num_processes": self.accelerator.num_processes,
-                                                      "sharded_params": sharded, "records": self.records})
+                                                      "sharded_params": len(sharded), "param_bytes": held,
+                                                      "full_param_bytes": sum(p.nbytes for p in params),
+                                                      "records": self.records})
 
 
 def run_config(cfg: RunConfig, *, run_dir: RunDirectory | None = None, keep_lock: bool = False, **kwargs) -> RunResult:
