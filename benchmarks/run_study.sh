@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Standard CL study of BENCHMARKS.md (issue 31): seeds 42, 43, 44 x task orders 1, 2, 3 for
 # AIMMerging, merge-fixed, replay, I-LoRA, MTL and FOREVER, plus one `single` run per seed (the FWT
-# reference; the bench also runs `seq` in every cell, as the source of the shared first stage).
+# reference; the bench also runs `seq` in every cell, as the source of the shared first stage);
+# VBM and Recurrent-KIF on seed 42 (issue 30). Seed 42 is finished first.
 # Seeds vary training only: every cell scores the same test examples (drawn with eval_seed, 42).
 # In shards, the closest comparison first (AIMMerging against fixed merging), so that an answer with
 # intervals over seeds x orders comes as early as possible; then replay and I-LoRA; then MTL and
@@ -24,11 +25,16 @@ set -euo pipefail
 OUT=${OUT:-runs/study}
 ARCHIVE=${ARCHIVE:-benchmarks/results/study}
 CONFIG=benchmarks/standard-cl-study.yaml
-SEEDS=${SEEDS:-42,43,44}
 PRIMARY=merge-fixed,replay,ilora,mtl,forever
-for SHARD in aimmerging,merge-fixed replay,ilora mtl,forever; do
-  aimmerging bench --config $CONFIG --orders 1,2,3 --seeds "$SEEDS" --output-dir "$OUT" --no-progress \
-    --methods "$SHARD" --primary $PRIMARY --archive "$ARCHIVE"
-  aimmerging bench archive --output-dir "$OUT" --to "$ARCHIVE"
+# Seed 42 first, with every method of the 2025-2026 papers too (issue 30 reports FOREVER, VBM and
+# Recurrent-KIF over the three orders), then seeds 43 and 44 for the six methods of issue 31.
+for SEEDS in ${SEEDS:-42 43,44}; do
+  SHARDS="aimmerging,merge-fixed replay,ilora mtl,forever"
+  [ "$SEEDS" = 42 ] && SHARDS="$SHARDS vbm,rkif"
+  for SHARD in $SHARDS; do
+    aimmerging bench --config $CONFIG --orders 1,2,3 --seeds "$SEEDS" --output-dir "$OUT" --no-progress \
+      --methods "$SHARD" --primary $PRIMARY --archive "$ARCHIVE"
+    aimmerging bench archive --output-dir "$OUT" --to "$ARCHIVE"
+  done
 done
 aimmerging bench report --output-dir "$OUT" --primary $PRIMARY --archive "$ARCHIVE"

@@ -40,6 +40,9 @@ parser.add_argument("--eval-split", choices=("test", "dev"), default="test")
 parser.add_argument("--own-rows", action="store_true",
                     help="train on aimmerging's own chat tokenisation (input_ids + completion_mask, target "
                          "'answer<|im_end|>' without TRL's trailing newline): the README's gap experiment")
+parser.add_argument("--fp32", action="store_true",
+                    help="train in fp32 (TRL's SFTConfig trains under bf16 where the CPU has it; aimmerging run's "
+                         "default is fp32): the README's gap experiment")
 args = parser.parse_args()
 options = dict(MERGING.get(args.method, {}))
 for pair in args.set:
@@ -74,7 +77,8 @@ def eval_rows(examples):
 def factory(model, train_dataset, callbacks):
     config = SFTConfig(output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=4,
                        learning_rate=4e-3, warmup_steps=2, lr_scheduler_type="linear", report_to="none", use_cpu=True,
-                       logging_steps=8, save_strategy="no", disable_tqdm=True, max_length=128, seed=args.seed)
+                       logging_steps=8, save_strategy="no", disable_tqdm=True, max_length=128, seed=args.seed,
+                       **({"bf16": False} if args.fp32 else {}))
     return SFTTrainer(model=model, args=config, train_dataset=train_dataset, processing_class=tok, callbacks=callbacks)
 
 
