@@ -44,10 +44,3 @@ def shard_base(peft_model, device) -> int:
     register_fsdp_forward_method(inner, "generate")
     return len(blocks)
 
-
-def is_sharded(model) -> bool:
-    """Whether ``model`` (or the base model inside a PEFT model) was sharded by :func:`shard_base`."""
-    from torch.distributed.fsdp import FSDPModule
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return isinstance(inner, FSDPModule)
