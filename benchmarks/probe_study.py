@@ -67,12 +67,12 @@ def run(orders: list[int], seeds: list[int], variants: list[str], out: Path, arc
                 if (cell, name) in archived:
                     log.info("probe study: %s/%s archived, skipped", cell, name)
                     continue
-                overrides = {**(extra or {}), "order": order, "seed": seed, **VARIANTS[name]}
+                cell_overrides = {**(extra or {}), "order": order, "seed": seed}
+                overrides = {**cell_overrides, **VARIANTS[name]}
                 run_dir = out / cell / name
                 cfg = method_config(CONFIG, quick, overrides, "aimmerging", run_dir)
                 first = main_study / cell / "seq"
-                if _same_first_stage(first, {**(extra or {}), "order": order, "seed": seed}, quick) \
-                        and share_stages(first, cfg, run_dir):
+                if _same_first_stage(first, cell_overrides, quick) and share_stages(first, cfg, run_dir):
                     log.info("probe study: %s/%s: first stage copied from %s", cell, name, first)
                 log.info("probe study: %s/%s", cell, name)
                 run_method(CONFIG, quick, overrides, "aimmerging", run_dir, out / cell / "configs" / f"{name}.yaml",

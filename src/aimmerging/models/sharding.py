@@ -6,7 +6,7 @@ every process. So every tensor a method reads or writes (the merges' fusion, the
 signal's L1 norm, snapshots, saving and loading an adapter) is a plain tensor holding the whole
 adapter, as under one process or DDP, and no merge ever needs a gather: the guarantee that
 one process and N processes compute the same merges rests on the gradients alone, which the
-engine sums over the processes itself (they are a few MB). The LoRA tensors and their AdamW
+engine averages over the processes itself, as DDP would (they are a few MB). The LoRA tensors and their AdamW
 moments are a small fraction of the memory of a large base (r=8 on q,v of a 7B Llama: 4.2 M
 parameters, 50 MB with their moments in fp32).
 
@@ -43,4 +43,3 @@ def shard_base(peft_model, device) -> int:
     fully_shard(inner, ignored_params=trainable)
     register_fsdp_forward_method(inner, "generate")
     return len(blocks)
-
