@@ -6,7 +6,7 @@
 # Seeds vary training only: every cell scores the same test examples (drawn with eval_seed, 42).
 # In shards, the closest comparison first (AIMMerging against fixed merging), so that an answer with
 # intervals over seeds x orders comes as early as possible; then replay and I-LoRA; then MTL and
-# FOREVER. Many hours on 2 CPU cores.
+# FOREVER (on seed 42: FOREVER, VBM and Recurrent-KIF second). Many hours on 2 CPU cores.
 # Resumable: run it again after an interruption; finished runs (the seed-42 runs of an earlier
 # study directory included) are kept. `aimmerging bench report --output-dir runs/study --archive
 # benchmarks/results/study` rebuilds the report from whatever is finished, with AIMMerging minus
@@ -26,11 +26,12 @@ OUT=${OUT:-runs/study}
 ARCHIVE=${ARCHIVE:-benchmarks/results/study}
 CONFIG=benchmarks/standard-cl-study.yaml
 PRIMARY=merge-fixed,replay,ilora,mtl,forever
-# Seed 42 first, with every method of the 2025-2026 papers too (issue 30 reports FOREVER, VBM and
-# Recurrent-KIF over the three orders), then seeds 43 and 44 for the six methods of issue 31.
+# Seed 42 first, with the methods of the 2025-2026 papers right after AIMMerging and fixed merging
+# (issue 30 reports FOREVER, VBM and Recurrent-KIF over the three orders), then seeds 43 and 44 for
+# the six methods of issue 31.
 for SEEDS in ${SEEDS:-42 43,44}; do
   SHARDS="aimmerging,merge-fixed replay,ilora mtl,forever"
-  [ "$SEEDS" = 42 ] && SHARDS="$SHARDS vbm,rkif"
+  [ "$SEEDS" = 42 ] && SHARDS="aimmerging,merge-fixed forever,vbm,rkif replay,ilora mtl"
   for SHARD in $SHARDS; do
     aimmerging bench --config $CONFIG --orders 1,2,3 --seeds "$SEEDS" --output-dir "$OUT" --no-progress \
       --methods "$SHARD" --primary $PRIMARY --archive "$ARCHIVE"

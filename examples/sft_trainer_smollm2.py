@@ -38,7 +38,7 @@ parser.add_argument("--seed", type=int, default=42, help="seed of the trainer, t
 parser.add_argument("--steps", type=int, default=32, help="optimizer steps per task (batch 4)")
 parser.add_argument("--eval-split", choices=("test", "dev"), default="test")
 parser.add_argument("--own-rows", action="store_true",
-                    help="train on aimmerging's own chat tokenisation (input_ids + completion_mask, target "
+                    help="train on aimmerging's own chat tokenisation (input_ids + labels, target "
                          "'answer<|im_end|>' without TRL's trailing newline): the README's gap experiment")
 parser.add_argument("--fp32", action="store_true",
                     help="train in fp32 (TRL's SFTConfig trains under bf16 where the CPU has it; aimmerging run's "
@@ -62,10 +62,12 @@ def chat(examples, with_answer=True):
 
 
 def own_rows(examples, name):
-    """aimmerging's chat rows as processed SFTTrainer rows (the loss on the answer tokens only)."""
+    """aimmerging's chat rows as processed SFTTrainer rows with their ``labels`` (-100 outside the
+    answer), which TRL keeps as they are. (A ``completion_mask`` column instead would be dropped:
+    TRL applies it only to prompt/completion datasets and puts the loss on every token otherwise.)"""
     from aimmerging.hf import tokenize_examples
 
-    return [{"input_ids": r["input_ids"], "completion_mask": [int(label != -100) for label in r["labels"]]}
+    return [{"input_ids": r["input_ids"], "labels": r["labels"]}
             for r in tokenize_examples(examples, tok, prompt_format="chat", task=name)]
 
 
